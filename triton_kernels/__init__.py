@@ -1,0 +1,1 @@
+"""Triton paged-gather / paged-scatter kernels (installed as ``hf_kvpool.triton_kernels``)."""
