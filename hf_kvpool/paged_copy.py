@@ -72,6 +72,9 @@ def torch_scatter(
     """
     if block_ids.numel() == 0:
         return
+    if storage.element_size() == 1 and storage.is_floating_point():  # fp8: index_copy_ lacks it on CPU
+        storage = storage.view(torch.int8)
+        srcs = [(k.view(torch.int8), v.view(torch.int8)) for k, v in srcs]
     bs = storage.shape[4]
     offs = torch.arange(bs, device=src_cols.device)
     cols = (src_cols[:, None] + offs[None, :]).reshape(-1)  # [n * bs]

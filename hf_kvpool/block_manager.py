@@ -1,0 +1,232 @@
+"""Pool bookkeeping: which block holds which tokens. Pure Python, no tensors.
+
+Blocks are published under a chained key (``hashing.py``). A published block records its parent,
+its token ids and how many published children it has. Eviction is least-recently-used among
+*leaves* (blocks without published children), so a chain loses its descendants before its
+ancestors and no reachable chain has a missing ancestor.
+
+LRU order is one ``OrderedDict``, front = least recently used, kept so that every block stands
+before its parent: a touch moves a chain to the back deepest-first. The front block is therefore
+always a leaf (or pinned), and eviction is O(1) amortised.
+
+Writing a block is two-phase: :meth:`reserve` hands out free ids (evicting if needed),
+the caller writes K/V into them, then :meth:`publish` makes them visible, or :meth:`abort`
+returns them. A failure between the two never leaves a half-written block that a lookup can see.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+__all__ = ["Block", "BlockManager", "CommitPlan"]
+
+
+@dataclass
+class Block:
+    block_id: int
+    key: bytes
+    parent: int | None  # parent block id; None for the first block of a chain
+    tokens: bytes
+    children: int = 0
+    pins: int = 0
+
+
+@dataclass
+class CommitPlan:
+    """Blocks ``chain[first : first + len(block_ids)]`` go into ``block_ids`` (reserved, unpublished)."""
+
+    chain: list[tuple[bytes, bytes]]
+    first: int
+    block_ids: list[int]
+    parent: int | None
+    pinned: list[int] = field(default_factory=list)
+
+
+class BlockManager:
+    """Bookkeeping for ``num_blocks`` fixed-size blocks (see module docstring)."""
+
+    def __init__(self, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._by_key: dict[bytes, Block] = {}
+        self._blocks: dict[int, Block] = {}
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._reserved: set[int] = set()
+        self.evicted_blocks = 0
+        self.published_blocks = 0
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def num_stored(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def block(self, block_id: int) -> Block:
+        return self._blocks[block_id]
+
+    def blocks(self) -> list[Block]:
+        """Published blocks, least recently used first."""
+        return [self._blocks[i] for i in self._lru]
+
+    def _walk(self, chain: list[tuple[bytes, bytes]]) -> list[int]:
+        """Ids of the longest published prefix of ``chain``, verified by tokens and parent."""
+        ids: list[int] = []
+        parent = None
+        for key, tokens in chain:
+            blk = self._by_key.get(key)
+            if blk is None or blk.tokens != tokens or blk.parent != parent:
+                break
+            ids.append(blk.block_id)
+            parent = blk.block_id
+        return ids
+
+    def _touch(self, ids: list[int]) -> None:
+        """Mark a chain (root first) as just used: deepest to the back first, then its ancestors."""
+        if not ids:
+            return
+        for i in reversed(ids):
+            self._lru.move_to_end(i)
+
+    # ----------------------------------------------------------------- lookup
+    def match(self, chain: list[tuple[bytes, bytes]], pin: bool = True) -> list[int]:
+        """Ids of the longest published prefix of ``chain``; touched, and pinned if ``pin``.
+
+        Pinned blocks are never evicted; call :meth:`unpin` when their K/V has been read.
+        """
+        ids = self._walk(chain)
+        self._touch(ids)
+        if pin:
+            for i in ids:
+                self._blocks[i].pins += 1
+        return ids
+
+    def unpin(self, ids: list[int]) -> None:
+        for i in ids:
+            blk = self._blocks[i]
+            if blk.pins <= 0:
+                raise RuntimeError(f"block {i} unpinned more often than pinned")
+            blk.pins -= 1
+
+    # ----------------------------------------------------------------- commit
+    def reserve(self, chain: list[tuple[bytes, bytes]], data_from: int) -> CommitPlan | None:
+        """Reserve free blocks for the part of ``chain`` that is not yet published.
+
+        ``data_from``: the caller holds K/V for ``chain[data_from:]`` only. If a block before
+        that is missing (evicted since it was matched), nothing can be committed: returns None.
+        Otherwise reserves ids for as many of the missing blocks as space allows (evicting
+        least-recently-used leaves) and returns the plan; the parent stays pinned until
+        :meth:`publish` or :meth:`abort`.
+        """
+        present = self._walk(chain)
+        self._touch(present)
+        first = len(present)
+        if first < data_from or first == len(chain):
+            return None
+        parent = present[-1] if present else None
+        pinned = [parent] if parent is not None else []
+        for i in pinned:
+            self._blocks[i].pins += 1
+        ids: list[int] = []
+        try:
+            want = len(chain) - first
+            while len(ids) < want:
+                if not self._free and not self._evict_one():
+                    break
+                bid = self._free.popleft()
+                self._reserved.add(bid)
+                ids.append(bid)
+        except BaseException:
+            self._release(ids, pinned)
+            raise
+        if not ids:
+            self._release(ids, pinned)
+            return None
+        return CommitPlan(chain=chain, first=first, block_ids=ids, parent=parent, pinned=pinned)
+
+    def publish(self, plan: CommitPlan) -> list[int]:
+        """Make a plan's blocks visible; returns the ids of the whole published chain."""
+        parent = plan.parent
+        for offset, bid in enumerate(plan.block_ids):
+            key, tokens = plan.chain[plan.first + offset]
+            blk = Block(block_id=bid, key=key, parent=parent, tokens=tokens)
+            self._reserved.discard(bid)
+            self._blocks[bid] = blk
+            self._by_key[key] = blk
+            self._lru[bid] = None
+            if parent is not None:
+                self._blocks[parent].children += 1
+            parent = bid
+        self.published_blocks += len(plan.block_ids)
+        for i in plan.pinned:
+            self._blocks[i].pins -= 1
+        plan.pinned = []
+        chain_ids = self._walk(plan.chain)
+        self._touch(chain_ids)
+        return chain_ids
+
+    def abort(self, plan: CommitPlan) -> None:
+        """Return a plan's reserved blocks unpublished."""
+        self._release(plan.block_ids, plan.pinned)
+        plan.block_ids, plan.pinned = [], []
+
+    def _release(self, ids: list[int], pinned: list[int]) -> None:
+        for bid in ids:
+            if bid in self._reserved:
+                self._reserved.discard(bid)
+                self._free.append(bid)
+        for i in pinned:
+            if i in self._blocks:
+                self._blocks[i].pins -= 1
+
+    # ----------------------------------------------------------------- eviction
+    def _evict_one(self) -> bool:
+        """Evict the least recently used unpinned leaf; False if every block is pinned or inner."""
+        for bid in self._lru:
+            blk = self._blocks[bid]
+            if blk.pins == 0 and blk.children == 0:
+                self._remove(blk)
+                self.evicted_blocks += 1
+                return True
+        return False
+
+    def _remove(self, blk: Block) -> None:
+        del self._lru[blk.block_id]
+        del self._blocks[blk.block_id]
+        if self._by_key.get(blk.key) is blk:
+            del self._by_key[blk.key]
+        if blk.parent is not None:
+            self._blocks[blk.parent].children -= 1
+        self._free.append(blk.block_id)
+
+    def clear(self) -> None:
+        """Forget every published block (reserved blocks stay reserved)."""
+        if any(b.pins for b in self._blocks.values()):
+            raise RuntimeError("cannot clear the pool while a lookup holds blocks")
+        for blk in list(self._blocks.values()):
+            self._free.append(blk.block_id)
+        self._blocks.clear()
+        self._by_key.clear()
+        self._lru.clear()
+
+    def check(self) -> None:
+        """Assert the invariants (used by tests)."""
+        assert len(self._blocks) + len(self._free) + len(self._reserved) == self.num_blocks
+        assert set(self._blocks) == set(self._lru)
+        assert not (set(self._free) & set(self._blocks)) and not (self._reserved & set(self._blocks))
+        children = dict.fromkeys(self._blocks, 0)
+        position = {bid: n for n, bid in enumerate(self._lru)}
+        for blk in self._blocks.values():
+            assert self._by_key[blk.key] is blk
+            if blk.parent is not None:
+                assert blk.parent in self._blocks, f"block {blk.block_id} has an evicted parent"
+                children[blk.parent] += 1
+                assert position[blk.block_id] < position[blk.parent], "LRU order: child after parent"
+            assert blk.pins >= 0
+        for bid, n in children.items():
+            assert self._blocks[bid].children == n

@@ -1,0 +1,137 @@
+"""Block storage: the tensors that hold pooled K/V, and the moves in and out of them.
+
+Layers are grouped by (device, dtype, kv_heads, head_dim); each group owns one tensor
+
+    data: [num_blocks, n_layers, 2, kv_heads, block_size, head_dim]    (2 = K, V)
+
+so that every layer's storage lives on that layer's own device and dtype (models dispatched with
+accelerate's ``device_map`` included) and one block id indexes every group. What a block *means*
+is kept by ``block_manager.py``; this module only moves bytes (``paged_copy.py`` and the Triton
+kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import paged_copy
+
+__all__ = ["LayerSpec", "BlockStore"]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one layer's K/V looks like: ``[batch, kv_heads, seq, head_dim]`` of ``dtype`` on ``device``."""
+
+    device: torch.device
+    dtype: torch.dtype
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, keys: torch.Tensor) -> LayerSpec:
+        return cls(keys.device, keys.dtype, int(keys.shape[1]), int(keys.shape[3]))
+
+    def block_bytes(self, block_size: int) -> int:
+        """Bytes of one block of this layer (K and V)."""
+        return (
+            2 * self.kv_heads * block_size * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        )
+
+    def __str__(self) -> str:
+        return f"{self.kv_heads} kv heads x {self.head_dim} dims, {self.dtype} on {self.device}"
+
+
+@dataclass
+class _Group:
+    spec: LayerSpec
+    layers: list[int]
+    data: torch.Tensor  # [num_blocks, len(layers), 2, H, bs, D]
+
+
+class BlockStore:
+    """Tensors for ``num_blocks`` blocks of ``block_size`` tokens for layers described by ``specs``."""
+
+    def __init__(self, specs: list[LayerSpec], block_size: int, num_blocks: int, backend: str):
+        self.specs = list(specs)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.backend = backend
+        by_spec: dict[LayerSpec, list[int]] = {}
+        for layer, spec in enumerate(self.specs):
+            by_spec.setdefault(spec, []).append(layer)
+        self.groups = [
+            _Group(
+                spec,
+                layers,
+                torch.empty(
+                    (num_blocks, len(layers), 2, spec.kv_heads, block_size, spec.head_dim),
+                    dtype=spec.dtype,
+                    device=spec.device,
+                ),
+            )
+            for spec, layers in by_spec.items()
+        ]
+
+    @staticmethod
+    def block_bytes(specs: list[LayerSpec], block_size: int) -> int:
+        """Bytes of one block over all layers."""
+        return sum(spec.block_bytes(block_size) for spec in specs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(g.data.numel() * g.data.element_size() for g in self.groups)
+
+    def gather(
+        self,
+        block_ids: list[int],
+        rows: list[int],
+        dst_cols: list[int],
+        ntok: list[int],
+        batch: int,
+        cols: int,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer ``(k, v)``, each ``[batch, H, cols, D]``: entry ``i`` puts the first ``ntok[i]``
+        tokens of block ``block_ids[i]`` at row ``rows[i]``, columns ``dst_cols[i]...``; all other
+        columns are zero."""
+        result: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(self.specs)  # type: ignore[list-item]
+        for group in self.groups:
+            dev = group.data.device
+            index = [
+                torch.tensor(x, dtype=torch.int64, device=dev) for x in (block_ids, rows, dst_cols, ntok)
+            ]
+            spec = group.spec
+            # out: [n_layers, 2, B, H, cols, D]
+            out = torch.zeros(
+                (len(group.layers), 2, batch, spec.kv_heads, cols, spec.head_dim),
+                dtype=spec.dtype,
+                device=dev,
+            )
+            paged_copy.gather(self.backend, group.data, *index, out)
+            for i, layer in enumerate(group.layers):
+                result[layer] = (out[i, 0], out[i, 1])
+        return result
+
+    def scatter(
+        self,
+        layer_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        block_ids: list[int],
+        rows: list[int],
+        src_cols: list[int],
+    ) -> None:
+        """Write full blocks: block ``block_ids[i]`` takes tokens ``src_cols[i] : src_cols[i] + bs`` of
+        row ``rows[i]`` of every layer's ``(k, v)`` (each ``[B, H, S, D]``)."""
+        for group in self.groups:
+            dev = group.data.device
+            index = [torch.tensor(x, dtype=torch.int64, device=dev) for x in (block_ids, rows, src_cols)]
+            paged_copy.scatter(self.backend, group.data, [layer_kv[i] for i in group.layers], *index)
+
+    def read(self, block_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k, v)`` of one block of one layer, each ``[H, bs, D]`` (views into storage)."""
+        for group in self.groups:
+            if layer in group.layers:
+                i = group.layers.index(layer)
+                return group.data[block_id, i, 0], group.data[block_id, i, 1]
+        raise IndexError(f"no layer {layer} in this store")
