@@ -228,7 +228,8 @@ class KVPool:
                         rows.append(row)
                         dst.append(pad + j * bs)
                         ntok.append(min(bs, need - j * bs))
-                layer_kv = self._store.gather(ids, rows, dst, ntok, len(chains), columns)
+                full = not any(pads)  # no pad column: every column is written
+                layer_kv = self._store.gather(ids, rows, dst, ntok, len(chains), columns, full=full)
                 self._hit_tokens += sum(max(0, columns - p) for p in pads)
                 return Fetched(columns, layer_kv)
             finally:
