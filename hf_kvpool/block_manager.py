@@ -17,6 +17,7 @@ returns them. A failure between the two never leaves a half-written block that a
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["Block", "BlockManager", "CommitPlan"]
@@ -57,6 +58,8 @@ class BlockManager:
         self._reserved: set[int] = set()
         self.evicted_blocks = 0
         self.published_blocks = 0
+        # called with each block about to be evicted, while its data is still in place
+        self.on_evict: Callable[[Block], None] | None = None
 
     # ----------------------------------------------------------------- queries
     @property
@@ -114,14 +117,16 @@ class BlockManager:
             blk.pins -= 1
 
     # ----------------------------------------------------------------- commit
-    def reserve(self, chain: list[tuple[bytes, bytes]], data_from: int) -> CommitPlan | None:
+    def reserve(
+        self, chain: list[tuple[bytes, bytes]], data_from: int, limit: int | None = None
+    ) -> CommitPlan | None:
         """Reserve free blocks for the part of ``chain`` that is not yet published.
 
         ``data_from``: the caller holds K/V for ``chain[data_from:]`` only. If a block before
         that is missing (evicted since it was matched), nothing can be committed: returns None.
         Otherwise reserves ids for as many of the missing blocks as space allows (evicting
         least-recently-used leaves) and returns the plan; the parent stays pinned until
-        :meth:`publish` or :meth:`abort`.
+        :meth:`publish` or :meth:`abort`. ``limit`` caps the number of blocks reserved.
         """
         present = self._walk(chain)
         self._touch(present)
@@ -134,7 +139,7 @@ class BlockManager:
             self._blocks[i].pins += 1
         ids: list[int] = []
         try:
-            want = len(chain) - first
+            want = len(chain) - first if limit is None else min(limit, len(chain) - first)
             while len(ids) < want:
                 if not self._free and not self._evict_one():
                     break
@@ -190,6 +195,8 @@ class BlockManager:
         for bid in self._lru:
             blk = self._blocks[bid]
             if blk.pins == 0 and blk.children == 0:
+                if self.on_evict is not None:
+                    self.on_evict(blk)
                 self._remove(blk)
                 self.evicted_blocks += 1
                 return True
@@ -203,6 +210,33 @@ class BlockManager:
         if blk.parent is not None:
             self._blocks[blk.parent].children -= 1
         self._free.append(blk.block_id)
+
+    def parent_key(self, blk: Block) -> bytes | None:
+        """Key of a block's parent (None for the first block of a chain)."""
+        return None if blk.parent is None else self._blocks[blk.parent].key
+
+    def restore(self, key: bytes, tokens: bytes, parent: int | None) -> int:
+        """Publish one block directly (loading a snapshot, parents first); returns its id."""
+        if key in self._by_key:
+            return self._by_key[key].block_id
+        if parent is not None and parent not in self._blocks:
+            raise ValueError(f"parent block {parent} is not stored")
+        if not self._free and not self._evict_one():
+            raise RuntimeError("no free block to restore into")
+        bid = self._free.popleft()
+        blk = Block(block_id=bid, key=key, parent=parent, tokens=tokens)
+        self._blocks[bid] = blk
+        self._by_key[key] = blk
+        self._lru[bid] = None
+        if parent is not None:
+            self._blocks[parent].children += 1
+            # keep every block before its parent in LRU order
+            node = parent
+            while node is not None:
+                self._lru.move_to_end(node)
+                node = self._blocks[node].parent
+        self.published_blocks += 1
+        return bid
 
     def clear(self) -> None:
         """Forget every published block (reserved blocks stay reserved)."""

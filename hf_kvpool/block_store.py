@@ -134,6 +134,26 @@ class BlockStore:
                 self.backend, group.data, [layer_kv[i] for i in group.layers], *index, **self._trusted
             )
 
+    @property
+    def block_shapes(self) -> list[tuple[list[int], torch.dtype]]:
+        """Shape and dtype of one block in each group: ``[n_layers, 2, H, bs, D]``."""
+        return [(list(g.data.shape[1:]), g.data.dtype) for g in self.groups]
+
+    def read_block(self, block_id: int, pin: bool = False) -> list[torch.Tensor]:
+        """A host copy of one block (every group); pinned memory when ``pin``. Blocks until copied."""
+        out = []
+        for g in self.groups:
+            src = g.data[block_id]
+            dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin and src.is_cuda)
+            dst.copy_(src)
+            out.append(dst)
+        return out
+
+    def write_block(self, block_id: int, payload: list[torch.Tensor]) -> None:
+        """Copy one block's data (from :meth:`read_block`, any device) into ``block_id``."""
+        for g, src in zip(self.groups, payload, strict=True):
+            g.data[block_id].copy_(src, non_blocking=True)
+
     def read(self, block_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k, v)`` of one block of one layer, each ``[H, bs, D]`` (views into storage)."""
         for group in self.groups:

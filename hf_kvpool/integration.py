@@ -182,7 +182,10 @@ def _prefill(module, state: ModelState, cache: PooledCache, input_ids, args, kwa
 
     pool = cache.pool
     salt = cache.salt
-    namespace = namespace_key(state.fingerprint.digest(), b"" if salt is None else salt)
+    fingerprint = state.fingerprint.digest()
+    namespace = namespace_key(fingerprint, b"" if salt is None else salt)
+    if namespace not in pool.namespaces:  # what a snapshot records about its blocks
+        pool.namespaces[namespace] = {"model": fingerprint.hex(), "salt": _salt_text(salt)}
     tokens = [ids[b, pads[b] :] for b in range(batch)]
     chains = [block_hashes(t, pool.block_size, namespace) for t in tokens]
 
@@ -190,7 +193,7 @@ def _prefill(module, state: ModelState, cache: PooledCache, input_ids, args, kwa
     columns = 0
     if max_columns > 0:
         try:
-            fetched = pool.fetch(chains, pads, sum(len(t) for t in tokens), max_columns)
+            fetched = pool.fetch(chains, pads, sum(len(t) for t in tokens), max_columns, namespace)
         except Exception as exc:  # a failed gather (e.g. out of memory): compute everything
             _warn_once(f"reading the pool failed ({type(exc).__name__}: {exc})")
             fetched = None
@@ -213,6 +216,10 @@ def _prefill(module, state: ModelState, cache: PooledCache, input_ids, args, kwa
         if isinstance(value, torch.Tensor) and value.shape[-1] == length:
             kwargs[name] = value[..., -keep:]
     return args, kwargs
+
+
+def _salt_text(salt: str | bytes | None) -> str | None:
+    return salt.hex() if isinstance(salt, bytes) else salt
 
 
 def _left_pads(mask, batch: int, length: int) -> list[int] | None:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_manager import BlockManager
+from .block_manager import Block, BlockManager
 from .block_store import BlockStore, LayerSpec
+from .tiers import HostTier, RedisTier, TierEntry
 
 __all__ = [
     "KVPool",
@@ -54,6 +55,10 @@ class PoolStats:
     block_size: int
     capacity_bytes: int  # bytes of storage allocated (0 until the first commit)
     backend: str
+    host_hit_blocks: int = 0  # blocks served from the host tier
+    remote_hit_blocks: int = 0  # blocks served from the Redis tier
+    host_stored_blocks: int = 0
+    remote_errors: int = 0  # failed or timed-out Redis commands (the tier is skipped meanwhile)
 
     @property
     def hit_rate(self) -> float:
@@ -94,9 +99,23 @@ class KVPool:
         block_size: tokens per block, a power of two in [1, 1024] (the Triton backend takes 8-128).
         backend: "auto" (Triton kernels on CUDA when triton is installed, torch elsewhere), "torch"
             or "triton".
+        host_capacity_bytes: size of the host-memory tier that takes blocks evicted from the
+            device pool (default 0: evicted blocks are dropped).
+        remote: ``"redis://host:port/db"``: a Redis tier shared by every process using that URL.
+        remote_timeout: seconds per Redis command; past it (or on an error) the tier is skipped
+            for a few seconds and generation goes on without it.
     """
 
-    def __init__(self, *, capacity_bytes: int | None = None, block_size: int = 16, backend: str = "auto"):
+    def __init__(
+        self,
+        *,
+        capacity_bytes: int | None = None,
+        block_size: int = 16,
+        backend: str = "auto",
+        host_capacity_bytes: int = 0,
+        remote: str | None = None,
+        remote_timeout: float = 0.25,
+    ):
         if (
             not isinstance(block_size, int)
             or block_size < 1
@@ -121,6 +140,11 @@ class KVPool:
         self._query_tokens = 0
         self._hit_tokens = 0
         self._lookups = 0
+        self._host = HostTier(host_capacity_bytes) if host_capacity_bytes else None
+        self._remote = RedisTier(remote, timeout=remote_timeout) if remote else None
+        self._host_hits = 0
+        self._remote_hits = 0
+        self.namespaces: dict[bytes, dict] = {}  # namespace -> {"model": fingerprint hex, "salt": ...}
 
     # ------------------------------------------------------------------ layout
     @property
@@ -187,6 +211,8 @@ class KVPool:
             num_blocks = self._num_blocks(specs)
             self._store = BlockStore(specs, self.block_size, num_blocks, backend)
             self._manager = BlockManager(num_blocks)
+            if self._host is not None:
+                self._manager.on_evict = self._spill
         elif self._store.specs != specs:
             raise LayoutMismatchError(
                 "this KVPool holds K/V of another layout (per-layer device, dtype, kv heads, head dim): "
@@ -203,6 +229,7 @@ class KVPool:
         pads: list[int],
         query_tokens: int,
         max_columns: int,
+        namespace: bytes = b"",
     ) -> Fetched:
         """Look up every row's chain and gather the reusable leading columns.
 
@@ -217,6 +244,9 @@ class KVPool:
             bs = self.block_size
             matched = [self._manager.match(chain) for chain in chains]
             try:
+                if self._host is not None or self._remote is not None:
+                    for chain, m in zip(chains, matched):
+                        m.extend(self._promote(chain, len(m), namespace))
                 columns = min(min(p + len(m) * bs for p, m in zip(pads, matched)), max_columns)
                 if columns <= 0 or all(columns <= p for p in pads):
                     return Fetched(0, None)
@@ -244,6 +274,7 @@ class KVPool:
         layer_kv: list[tuple[torch.Tensor, torch.Tensor]],
         row: int,
         column_of_block: Callable[[int], int],
+        namespace: bytes = b"",
     ) -> int:
         """Store the blocks of ``chain`` that are not in the pool yet.
 
@@ -264,7 +295,68 @@ class KVPool:
                 self._manager.abort(plan)
                 raise
             self._manager.publish(plan)
+            if self._remote is not None:
+                self._write_through(plan.chain, plan.first, plan.block_ids, namespace)
             return len(plan.block_ids)
+
+    # ------------------------------------------------------------------ tiers
+    def _entry(self, blk: Block) -> TierEntry:
+        payload = self._store.read_block(blk.block_id, pin=True)
+        return TierEntry(blk.key, self._manager.parent_key(blk), blk.tokens, payload)
+
+    def _spill(self, blk: Block) -> None:
+        """Eviction callback: keep the block in the host tier (called under the lock)."""
+        self._host.put(self._entry(blk))
+
+    def _write_through(self, chain: Chain, first: int, block_ids: list[int], namespace: bytes) -> None:
+        entries = [self._entry(self._manager.block(bid)) for bid in block_ids]
+        self._remote.put_many(namespace, entries)
+
+    def _promote(self, chain: Chain, start: int, namespace: bytes) -> list[int]:
+        """Continue a device match in the lower tiers; copy what they hold into device blocks.
+
+        Returns the ids of the promoted blocks, pinned like :meth:`BlockManager.match` pins.
+        """
+        found: list[tuple[TierEntry, str]] = []
+        parent = chain[start - 1][0] if start else None
+        j = start
+        if self._host is not None:
+            while j < len(chain):
+                e = self._host.get(chain[j][0])
+                if e is None or e.tokens != chain[j][1] or e.parent != parent:
+                    break
+                found.append((e, "host"))
+                parent, j = e.key, j + 1
+        if self._remote is not None and j < len(chain):
+            keys = [key for key, _ in chain[j:]]
+            for e, (key, tokens) in zip(
+                self._remote.get_many(namespace, keys, self._store.block_shapes), chain[j:]
+            ):
+                if e is None or e.tokens != tokens or e.parent != parent:
+                    break
+                found.append((e, "remote"))
+                parent = key
+        if not found:
+            return []
+        plan = self._manager.reserve(chain, start, limit=len(found))
+        if plan is None or plan.first != start:
+            if plan is not None:
+                self._manager.abort(plan)
+            return []
+        try:
+            for bid, (entry, _) in zip(plan.block_ids, found):
+                self._store.write_block(bid, entry.payload)
+        except BaseException:
+            self._manager.abort(plan)
+            raise
+        self._manager.publish(plan)
+        tiers = [tier for _, tier in found[: len(plan.block_ids)]]
+        self._host_hits += tiers.count("host")
+        self._remote_hits += tiers.count("remote")
+        ids = list(plan.block_ids)
+        for bid in ids:
+            self._manager.block(bid).pins += 1
+        return ids
 
     # ------------------------------------------------------------------ admin
     def stats(self) -> PoolStats:
@@ -281,6 +373,10 @@ class KVPool:
                 block_size=self.block_size,
                 capacity_bytes=self._store.nbytes if self._store else 0,
                 backend=self.backend,
+                host_hit_blocks=self._host_hits,
+                remote_hit_blocks=self._remote_hits,
+                host_stored_blocks=len(self._host) if self._host is not None else 0,
+                remote_errors=self._remote.errors if self._remote is not None else 0,
             )
 
     def blocks(self) -> list[BlockInfo]:
@@ -301,6 +397,9 @@ class KVPool:
                 self._manager.evicted_blocks = 0
                 self._manager.published_blocks = 0
             self._query_tokens = self._hit_tokens = self._lookups = 0
+            self._host_hits = self._remote_hits = 0
+            if self._host is not None:
+                self._host.clear()
 
     def __repr__(self) -> str:
         s = self.stats()
@@ -309,8 +408,22 @@ class KVPool:
             f"hit_rate={s.hit_rate:.3f})"
         )
 
+    # ------------------------------------------------------------------ snapshots
+    def save(self, path) -> int:
+        """Write the stored blocks to a safetensors snapshot at ``path`` (atomic); returns blocks saved."""
+        from .snapshot import save
+
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path, *, model=None, device=None, **kwargs) -> KVPool:
+        """A pool holding the blocks of a snapshot; ``model`` checks it was made for that model."""
+        from .snapshot import load
+
+        return load(path, model=model, device=device, **kwargs)
+
     def __deepcopy__(self, memo):
         return self  # a pool is shared, never copied
 
     def __reduce__(self):
-        raise TypeError("a KVPool cannot be pickled; pool snapshots are not implemented yet")
+        raise TypeError("a KVPool cannot be pickled; use pool.save(path) and KVPool.load(path)")

@@ -91,7 +91,9 @@ class CallTracker:
             if self.pending[b] >= len(chain):
                 continue
             start = self.pads[b] - self.base  # column (in layer_kv) of token 0 of row b
-            written += self.pool.commit(chain, self.pending[b], layer_kv, b, lambda j, s=start: s + j * bs)
+            written += self.pool.commit(
+                chain, self.pending[b], layer_kv, b, lambda j, s=start: s + j * bs, self.namespace
+            )
             self.pending[b] = len(chain)
         self.committed_blocks += written
         # keep only the columns a later block can still need

@@ -1,0 +1,193 @@
+"""Lower tiers of the pool: host memory and Redis.
+
+The device pool (``pool.py``) is the first tier. A block it evicts moves to the host tier instead
+of being dropped; with a Redis tier, every committed block is also written to Redis (so other
+processes can read it), and Redis does its own eviction (``maxmemory-policy allkeys-lru``).
+A lookup that misses on the device continues the chain in the host tier, then in Redis; the
+blocks found are copied back into device blocks and served.
+
+An entry carries its key, its parent's key and its token ids, so a reader verifies a hit exactly as
+the device tier does (no reuse on a collision). A Redis value is a small binary header (magic,
+JSON with key, parent, tokens, shapes and dtypes) followed by the raw K/V bytes; anything that does
+not verify is a miss, never wrong K/V. Redis errors and timeouts switch the tier off for a few
+seconds; generation goes on without it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["TierEntry", "HostTier", "RedisTier", "encode_entry", "decode_entry"]
+
+_MAGIC = b"HFKVBLK1"
+
+
+@dataclass
+class TierEntry:
+    key: bytes
+    parent: bytes | None  # None for the first block of a chain
+    tokens: bytes
+    payload: list[torch.Tensor]  # per storage group: [n_layers, 2, H, bs, D] in host memory
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.payload) + len(self.tokens) + 32
+
+
+class HostTier:
+    """A bounded LRU map of blocks in host memory (pinned when the device pool is on CUDA)."""
+
+    def __init__(self, capacity_bytes: int):
+        if not isinstance(capacity_bytes, int) or capacity_bytes < 1:
+            raise ValueError(f"host_capacity_bytes must be a positive int, got {capacity_bytes!r}")
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[bytes, TierEntry] = OrderedDict()
+        self._nbytes = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def put(self, entry: TierEntry) -> None:
+        if entry.nbytes > self.capacity_bytes:
+            return
+        old = self._entries.pop(entry.key, None)
+        if old is not None:
+            self._nbytes -= old.nbytes
+        while self._entries and self._nbytes + entry.nbytes > self.capacity_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self._nbytes -= dropped.nbytes
+            self.evicted += 1
+        self._entries[entry.key] = entry
+        self._nbytes += entry.nbytes
+
+    def get(self, key: bytes) -> TierEntry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._nbytes = 0
+
+
+def encode_entry(entry: TierEntry) -> bytes:
+    """Header (magic, length, JSON) + raw bytes of every payload tensor."""
+    header = {
+        "key": entry.key.hex(),
+        "parent": None if entry.parent is None else entry.parent.hex(),
+        "tokens": entry.tokens.hex(),
+        "tensors": [[list(t.shape), str(t.dtype)] for t in entry.payload],
+    }
+    head = json.dumps(header).encode()
+    parts = [_MAGIC, len(head).to_bytes(4, "little"), head]
+    for t in entry.payload:
+        parts.append(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return b"".join(parts)
+
+
+def decode_entry(data: bytes, key: bytes, shapes: list[tuple[list[int], torch.dtype]]) -> TierEntry | None:
+    """The entry in ``data`` if it is well-formed, for ``key``, and of the expected shapes; else None."""
+    try:
+        if not data.startswith(_MAGIC):
+            return None
+        n = int.from_bytes(data[8:12], "little")
+        header = json.loads(data[12 : 12 + n])
+        if header["key"] != key.hex():
+            return None
+        expected = [[list(shape), str(dtype)] for shape, dtype in shapes]
+        if header["tensors"] != expected:
+            return None
+        offset = 12 + n
+        payload = []
+        for shape, dtype in shapes:
+            size = torch.empty(shape, dtype=dtype).numel() * torch.empty((), dtype=dtype).element_size()
+            chunk = data[offset : offset + size]
+            if len(chunk) != size:
+                return None
+            payload.append(torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(dtype).reshape(shape))
+            offset += size
+        if offset != len(data):
+            return None
+        parent = header["parent"]
+        return TierEntry(
+            key, None if parent is None else bytes.fromhex(parent), bytes.fromhex(header["tokens"]), payload
+        )
+    except (ValueError, KeyError, TypeError, RuntimeError):
+        return None
+
+
+class RedisTier:
+    """Blocks in Redis, keyed ``hfkv:<namespace>:<chain key>``; shared by every process on that Redis.
+
+    Args:
+        url: ``redis://host:port/db``.
+        timeout: seconds for connecting and for each command; past it the tier is skipped.
+        retry_after: seconds the tier stays off after an error.
+    """
+
+    def __init__(self, url: str, timeout: float = 0.25, retry_after: float = 5.0):
+        try:
+            import redis
+        except ImportError as exc:
+            raise ImportError(
+                "KVPool(remote='redis://...') needs the redis package: pip install redis"
+            ) from exc
+        self.url = url
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self._errors_type = (redis.RedisError, OSError)
+        self.retry_after = retry_after
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self.errors = 0
+        self.last_error: str | None = None
+
+    @staticmethod
+    def redis_key(namespace: bytes, key: bytes) -> str:
+        return f"hfkv:{namespace.hex()}:{key.hex()}"
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, exc: Exception) -> None:
+        with self._lock:
+            self.errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._down_until = time.monotonic() + self.retry_after
+
+    def put_many(self, namespace: bytes, entries: list[TierEntry]) -> bool:
+        if not entries or not self.available:
+            return False
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for e in entries:
+                pipe.set(self.redis_key(namespace, e.key), encode_entry(e))
+            pipe.execute()
+            return True
+        except self._errors_type as exc:
+            self._failed(exc)
+            return False
+
+    def get_many(
+        self, namespace: bytes, keys: list[bytes], shapes: list[tuple[list[int], torch.dtype]]
+    ) -> list[TierEntry | None]:
+        if not keys or not self.available:
+            return [None] * len(keys)
+        try:
+            values = self._client.mget([self.redis_key(namespace, k) for k in keys])
+        except self._errors_type as exc:
+            self._failed(exc)
+            return [None] * len(keys)
+        return [None if v is None else decode_entry(v, k, shapes) for k, v in zip(keys, values)]
