@@ -161,6 +161,8 @@ def _pre_forward(module, args, kwargs):
     if input_ids is None:
         _warn_once("inputs_embeds without input_ids cannot be matched to pooled tokens")
         return None
+    if kwargs.get("use_cache") is False:
+        return None  # the model will neither read nor fill the cache
     if input_ids.ndim != 2:
         _warn_once(f"input_ids of shape {tuple(input_ids.shape)} are not [batch, seq]")
         return None
@@ -277,6 +279,8 @@ def _reusable_columns(module, kwargs: dict, length: int) -> int:
         if kwargs.get(flag, getattr(config, flag, False)):
             _warn_once(f"{flag}=True wants outputs for every prompt position")
             return 0
+    if kwargs.get("use_cache") is False:
+        return 0  # the model will not read the cache
     if kwargs.get("labels") is not None:
         _warn_once("labels need logits for every position")
         return 0
@@ -304,12 +308,13 @@ def _post_forward(module, args, kwargs, output):
     except LayoutMismatchError:
         cache._tracker = None
         raise
-    except _UnsupportedLayers:
+    except _UnsupportedLayers as exc:
         cache._tracker = None
-        state = _states.get(module)
-        if state is not None:
-            state.unsupported = "some layers produce no K/V through the cache (KV sharing?)"
-        _warn_once(f"{type(module).__name__} cannot reuse K/V: some layers produce no K/V through the cache")
+        if exc.args and exc.args[0]:  # some layers gave K/V and others none: a structural trait
+            state = _states.get(module)
+            if state is not None:
+                state.unsupported = "some layers produce no K/V through the cache (KV sharing?)"
+            _warn_once(f"{type(module).__name__} cannot reuse K/V: some layers produce no K/V through the cache")
     except Exception as exc:  # committing is best effort: the output is already correct
         cache._tracker = None
         _warn_once(f"writing to the pool failed ({type(exc).__name__}: {exc})")

@@ -67,7 +67,8 @@ class CallTracker:
     # ---------------------------------------------------------------- commit
     def _commit(self) -> int:
         if any(not chunks for chunks in self.layer_chunks):
-            raise _UnsupportedLayers()
+            # argument: whether some layers did give K/V (then the others never will)
+            raise _UnsupportedLayers(any(self.layer_chunks))
         if self.token_chunks:
             new_ids = torch.cat(self.token_chunks, dim=1).cpu().numpy()  # the one host sync
             self.token_chunks = []

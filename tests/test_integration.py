@@ -248,3 +248,13 @@ def test_accelerate_dispatched_model(tmp_path, offload):
     assert (
         model_state(model).fingerprint.digest() == model_state(hf_kvpool.enable(plain)).fingerprint.digest()
     )
+
+
+def test_use_cache_false_neither_reuses_nor_disables(model):
+    pool = KVPool(block_size=BS)
+    ids = prompt(20, 16)
+    pooled(model, ids, pool)
+    out = generate(model, ids, PooledCache(model, pool=pool), use_cache=False)
+    assert_same(reference(model, ids, use_cache=False), out)
+    _, cache = pooled(model, ids, pool)  # reuse still works afterwards
+    assert cache.reused_tokens == [19]
