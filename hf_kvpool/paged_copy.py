@@ -16,6 +16,19 @@ import torch
 __all__ = ["gather", "scatter", "torch_gather", "torch_scatter"]
 
 
+def _runs(rows: list[int], cols: list[int], ntok: list[int], bs: int) -> list[tuple[int, int, int, int, int]]:
+    """Split entries into runs ``(i0, i1, row, col0, tokens)``: consecutive entries of one row whose
+    columns follow each other block after block (how the pool lays rows out), so that a run moves
+    with one ``index_select`` and one strided copy."""
+    runs = []
+    i0 = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i0] or cols[i] != cols[i - 1] + bs or ntok[i - 1] != bs:
+            runs.append((i0, i, rows[i0], cols[i0], sum(ntok[i0:i])))
+            i0 = i
+    return runs
+
+
 def torch_gather(
     storage: torch.Tensor,
     block_ids: torch.Tensor,
@@ -40,14 +53,14 @@ def torch_gather(
     """
     if block_ids.numel() == 0:
         return out
-    bs = storage.shape[4]
-    blocks = storage.index_select(0, block_ids)  # [n, L, 2, H, bs, D]
-    entry = torch.repeat_interleave(torch.arange(block_ids.numel(), device=ntok.device), ntok)
-    starts = torch.cumsum(ntok, 0) - ntok
-    tok = torch.arange(entry.numel(), device=ntok.device) - starts[entry]  # token index inside its block
-    assert int(tok.max()) < bs
-    vals = blocks[entry, :, :, :, tok, :]  # [ntot, L, 2, H, D]
-    out.permute(2, 4, 0, 1, 3, 5)[rows[entry], dst_cols[entry] + tok] = vals  # view [B, T, L, 2, H, D]
+    n_blocks, n_layers, _, heads, bs, dim = storage.shape
+    ntok_l = ntok.tolist()
+    if max(ntok_l) > bs or min(ntok_l) < 1:
+        raise ValueError(f"ntok must be in [1, {bs}]")
+    # one strided copy per block, straight into ``out`` (no temporary: large fresh buffers cost
+    # page faults on CPU that exceed the copy itself)
+    for bid, row, col, n in zip(block_ids.tolist(), rows.tolist(), dst_cols.tolist(), ntok_l):
+        out[:, :, row, :, col : col + n].copy_(storage[bid, :, :, :, :n])
     return out
 
 
@@ -76,16 +89,14 @@ def torch_scatter(
         storage = storage.view(torch.int8)
         srcs = [(k.view(torch.int8), v.view(torch.int8)) for k, v in srcs]
     bs = storage.shape[4]
-    offs = torch.arange(bs, device=src_cols.device)
-    cols = (src_cols[:, None] + offs[None, :]).reshape(-1)  # [n * bs]
-    rows_t = rows.repeat_interleave(bs)
-    n = block_ids.numel()
-    for layer, pair in enumerate(srcs):
-        for kv, src in enumerate(pair):
-            # src.permute -> [B, S, H, D]; pick tokens -> [n*bs, H, D] -> [n, H, bs, D]
-            tokens = src.permute(0, 2, 1, 3)[rows_t, cols]
-            tokens = tokens.reshape(n, bs, *tokens.shape[1:]).transpose(1, 2)
-            storage[:, layer, kv].index_copy_(0, block_ids, tokens)
+    full = [bs] * block_ids.numel()
+    for i0, i1, row, col0, count in _runs(rows.tolist(), src_cols.tolist(), full, bs):
+        ids = block_ids[i0:i1]
+        for layer, pair in enumerate(srcs):
+            for kv, src in enumerate(pair):
+                tokens = src[row, :, col0 : col0 + count]  # [H, n*bs, D]
+                tokens = tokens.reshape(tokens.shape[0], i1 - i0, bs, tokens.shape[-1]).transpose(0, 1)
+                storage[:, layer, kv].index_copy_(0, ids, tokens)  # [n, H, bs, D]
 
 
 def gather(backend: str, *args, **kwargs) -> torch.Tensor:
