@@ -314,7 +314,9 @@ def _post_forward(module, args, kwargs, output):
             state = _states.get(module)
             if state is not None:
                 state.unsupported = "some layers produce no K/V through the cache (KV sharing?)"
-            _warn_once(f"{type(module).__name__} cannot reuse K/V: some layers produce no K/V through the cache")
+            _warn_once(
+                f"{type(module).__name__} cannot reuse K/V: some layers produce no K/V through the cache"
+            )
     except Exception as exc:  # committing is best effort: the output is already correct
         cache._tracker = None
         _warn_once(f"writing to the pool failed ({type(exc).__name__}: {exc})")
