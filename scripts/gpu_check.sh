@@ -7,7 +7,7 @@
 # Steps (each keeps going if an earlier one failed; the exit status is non-zero if any failed):
 #   1. pytest tests/test_kernels.py compiled for the GPU (TRITON_INTERPRET unset), gpu tests included
 #   2. scripts/bench_kernels.py at GPU sizes (16 MiB, 256 MiB, 2 GiB; BENCH_SIZES) -> $OUT/bench_kernels.json
-#   3. scripts/bench_agent.py --device cuda [--out $OUT/bench_agent.json if it has --out], if it exists;
+#   3. scripts/bench_agent.py --device cuda --dtype bfloat16 (the default workload) into $OUT;
 #      $OUT is exported for it
 # Logs and JSON go under $OUT. Each step has a time limit; the whole run stays under ~6 minutes.
 
@@ -77,16 +77,8 @@ fi
 # shellcheck disable=SC2086  # BENCH_SIZES is a list of words
 step bench_kernels 120 "$PY" scripts/bench_kernels.py --sizes $BENCH_SIZES --out "$OUT/bench_kernels.json"
 
-# --- 3. end-to-end benchmark (written by another engineer) -----------------------------------------
-if [ -f scripts/bench_agent.py ]; then
-    agent_args=(--device cuda)
-    if "$PY" scripts/bench_agent.py --help 2>/dev/null | grep -q -- "--out"; then
-        agent_args+=(--out "$OUT/bench_agent.json")
-    fi
-    step bench_agent 150 "$PY" scripts/bench_agent.py "${agent_args[@]}"
-else
-    log "scripts/bench_agent.py not present: skipped"
-fi
+# --- 3. end-to-end agent benchmark at GPU size (built-in random model, bf16) ----------------------
+step bench_agent 240 "$PY" scripts/bench_agent.py --device cuda --dtype bfloat16 --out "$OUT/bench_agent.json"
 
 if [ "${#failed[@]}" -gt 0 ]; then
     log "FAILED: ${failed[*]}"
