@@ -15,6 +15,10 @@ What it measures.
    the trace's footprint, the distinct blocks an infinite cache would hold), plotted to a PNG.
    A capacity of ``n`` blocks is ``KVPool(capacity_bytes=n * bytes_per_block)``, bytes per block
    measured on a probe pool.
+   With ``--host-tier F`` and/or ``--redis`` (or ``--remote URL``), every capacity point also runs
+   with a host-memory tier of ``F`` x the footprint, and with a Redis tier (a fresh database per
+   run; ``--redis`` starts a private ``redis-server`` on a loopback port), so the plot shows what
+   the lower tiers add to a small device pool.
 3. TTFT stateless vs pooled on ``--ttft-sample`` requests spread evenly over the replayed window,
    on the benchmark model (``--model-size``, or ``--model PATH``): for each sampled request, the
    earlier request that holds its reusable prefix (if any) runs first, untimed, into an emptied pool;
@@ -23,6 +27,7 @@ What it measures.
     python scripts/replay_trace.py                                  # whole trace, ~2 min on 2 CPU cores
     python scripts/replay_trace.py --curve 0.02,0.05,0.1,0.25,0.5   # a finer curve (~30 s a point)
     python scripts/replay_trace.py --limit 1000                     # a shorter run
+    python scripts/replay_trace.py --limit 1000 --host-tier 1 --redis   # with the lower tiers
     python scripts/replay_trace.py --trace other.jsonl --block-tokens 32 --capacity 5000
     python scripts/replay_trace.py --device cuda --model /path/to/checkpoint
 """
@@ -30,10 +35,14 @@ What it measures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import platform
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -68,6 +77,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--curve",
         default="0.1,0.5",
         help="capacities for the curve, as fractions of the footprint",
+    )
+    p.add_argument(
+        "--host-tier",
+        type=float,
+        default=0.0,
+        help="also run with a host tier of this fraction of the footprint",
+    )
+    p.add_argument(
+        "--redis", action="store_true", help="also run with a Redis tier (starts a local redis-server)"
+    )
+    p.add_argument(
+        "--remote", default=None, help="also run with the Redis tier at this URL (its db is flushed)"
     )
     p.add_argument("--ttft-sample", type=int, default=24, help="requests timed stateless vs pooled (0: skip)")
     p.add_argument("--model-size", default="quick", help="built-in model for the TTFT sample")
@@ -106,9 +127,62 @@ def bytes_per_block(model, block_size: int, device) -> int:
     return s.capacity_bytes // s.capacity_blocks
 
 
-def replay(model, prompts, block_size, capacity_blocks, per_block, desc, progress) -> dict:
-    """Run every prompt in order through one fresh pool; per-request reuse and the pool's counters."""
-    pool = KVPool(capacity_bytes=capacity_blocks * per_block, block_size=block_size)
+@contextlib.contextmanager
+def local_redis():
+    """A private redis-server on a free loopback port, stopped afterwards; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("--redis needs redis-server (apt-get install redis-server), or pass --remote URL")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory-policy",
+            "allkeys-lru",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        import redis
+
+        client = redis.Redis.from_url(url)
+        for _ in range(100):
+            with contextlib.suppress(redis.ConnectionError):
+                client.ping()
+                break
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def flush_redis(url: str) -> None:
+    import redis
+
+    redis.Redis.from_url(url).flushdb()
+
+
+def replay(model, prompts, block_size, capacity_blocks, per_block, desc, progress, **tiers) -> dict:
+    """Run every prompt in order through one fresh pool; per-request reuse and the pool's counters.
+
+    ``tiers``: ``host_capacity_bytes`` and/or ``remote`` for :class:`KVPool`.
+    """
+    if tiers.get("remote"):
+        flush_redis(tiers["remote"])
+    pool = KVPool(capacity_bytes=capacity_blocks * per_block, block_size=block_size, **tiers)
     reused = []
     t0 = time.perf_counter()
     for ids in tqdm(prompts, desc=desc, disable=not progress, leave=False):
@@ -127,6 +201,9 @@ def replay(model, prompts, block_size, capacity_blocks, per_block, desc, progres
         stored_blocks=s.stored_blocks,
         evicted_blocks=s.evicted_blocks,
         committed_blocks=s.committed_blocks,
+        host_hit_blocks=s.host_hit_blocks,
+        remote_hit_blocks=s.remote_hit_blocks,
+        remote_errors=s.remote_errors,
         seconds=time.perf_counter() - t0,
         reused=reused,
     )
@@ -202,7 +279,9 @@ def ttft_sample(args, requests, ideal, donors, device, progress) -> dict:
     )
 
 
-def plot(curve: list[dict], ideal_rate: float, footprint: int, path: Path, title: str) -> None:
+def plot(
+    curve: list[dict], ideal_rate: float, footprint: int, path: Path, title: str, tiered: dict | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,11 +289,18 @@ def plot(curve: list[dict], ideal_rate: float, footprint: int, path: Path, title
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs = [c["capacity_blocks"] / footprint for c in curve]
-    ax.plot(xs, [100 * c["hit_rate"] for c in curve], "o-", label="PooledCache (LRU pool)")
+    ax.plot(xs, [100 * c["hit_rate"] for c in curve], "o-", label="device pool only (LRU)")
+    for label, points in (tiered or {}).items():
+        ax.plot(
+            [c["capacity_blocks"] / footprint for c in points],
+            [100 * c["hit_rate"] for c in points],
+            "s--",
+            label=label,
+        )
     ax.axhline(100 * ideal_rate, color="k", ls="--", label=f"ideal, infinite cache ({100 * ideal_rate:.1f}%)")
     ax.set(
         xscale="log",
-        xlabel=f"pool capacity / trace footprint ({footprint:,} blocks)",
+        xlabel=f"device pool capacity / trace footprint ({footprint:,} blocks)",
         ylabel="prompt tokens reused (%)",
         title=title,
     )
@@ -278,6 +364,28 @@ def main(argv=None) -> int:
         curve.append({**full, "fraction": full["capacity_blocks"] / footprint})
     curve.sort(key=lambda c: c["capacity_blocks"])
 
+    tiered = {}
+    tier_configs = []
+    if args.host_tier > 0:
+        host_bytes = int(args.host_tier * footprint * (per_block + 8 * bt + 32))
+        tier_configs.append(
+            (f"+ host tier ({args.host_tier:g} x footprint)", dict(host_capacity_bytes=host_bytes))
+        )
+    with contextlib.ExitStack() as stack:
+        url = args.remote or (stack.enter_context(local_redis()) if args.redis else None)
+        if url:
+            tier_configs.append(("+ Redis tier", dict(remote=url)))
+        for label, tier_kwargs in tier_configs:
+            points = []
+            for c in tqdm(
+                [c for c in curve if c["capacity_blocks"] <= footprint], desc=label, disable=not progress
+            ):
+                run = replay(
+                    model, prompts, bt, c["capacity_blocks"], per_block, label, progress, **tier_kwargs
+                )
+                points.append({**run, "fraction": c["capacity_blocks"] / footprint})
+            tiered[label] = points
+
     ttft = None
     if args.ttft_sample:
         ttft = ttft_sample(args, requests, ideal, donors, device, progress)
@@ -308,6 +416,12 @@ def main(argv=None) -> int:
     mism = sum(a != b for a, b in zip(main_run["reused"], ideal)) if unlimited else None
     if unlimited:
         print(f"- requests whose reuse differs from the ideal: {mism}")
+    if tiered:
+        print("\n| device capacity (blocks) | device only | " + " | ".join(tiered) + " |")
+        print("|---|---|" + "---|" * len(tiered))
+        for i, c in enumerate([c for c in curve if c["capacity_blocks"] <= footprint]):
+            cells = " | ".join(f"{100 * tiered[label][i]['hit_rate']:.2f}%" for label in tiered)
+            print(f"| {c['capacity_blocks']:,} | {100 * c['hit_rate']:.2f}% | {cells} |")
     if ttft:
         print(
             f"\n| TTFT on {ttft['requests']} sampled requests ({ttft['model']}) | mean (s) | p50 (s) | input throughput |\n"
@@ -353,6 +467,10 @@ def main(argv=None) -> int:
         target_within_1pp=(abs(gap) <= 1) if unlimited else None,
         requests_differing_from_ideal=mism,
         curve=[{k: v for k, v in c.items() if k != "reused"} for c in curve],
+        tiered={
+            label: [{k: v for k, v in c.items() if k != "reused"} for c in points]
+            for label, points in tiered.items()
+        },
         ttft=ttft,
         elapsed_s=elapsed,
     )
@@ -363,6 +481,7 @@ def main(argv=None) -> int:
         footprint,
         png_path,
         f"{Path(args.trace).name}: {len(requests)} requests, {bt} tok/block",
+        tiered,
     )
     print(f"- wrote {json_path} and {png_path} in {elapsed:.0f}s", file=sys.stderr)
     return 0
