@@ -95,10 +95,13 @@ class BlockStore:
         batch: int,
         cols: int,
         full: bool = False,
+        room: list[int] | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer ``(k, v)``, each ``[batch, H, cols, D]``: entry ``i`` puts the first ``ntok[i]``
         tokens of block ``block_ids[i]`` at row ``rows[i]``, columns ``dst_cols[i]...``; all other
-        columns are zero. ``full=True`` promises the entries cover every column (no zero fill)."""
+        columns are zero. ``full=True`` promises the entries cover every column (no zero fill).
+        ``room``: per layer, columns to allocate (>= ``cols``; a group gets the least of its layers');
+        the result then has that many columns, of which the first ``cols`` are filled."""
         result: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(self.specs)  # type: ignore[list-item]
         for group in self.groups:
             dev = group.data.device
@@ -106,10 +109,11 @@ class BlockStore:
                 torch.tensor(x, dtype=torch.int64, device=dev) for x in (block_ids, rows, dst_cols, ntok)
             ]
             spec = group.spec
-            # out: [n_layers, 2, B, H, cols, D]
+            # out: [n_layers, 2, B, H, width, D]
+            width = max(cols, min(room[i] for i in group.layers)) if room else cols
             alloc = torch.empty if full else torch.zeros
             out = alloc(
-                (len(group.layers), 2, batch, spec.kv_heads, cols, spec.head_dim),
+                (len(group.layers), 2, batch, spec.kv_heads, width, spec.head_dim),
                 dtype=spec.dtype,
                 device=dev,
             )

@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .layers import AppendLayer
 
 if TYPE_CHECKING:
     from .integration import ModelState
@@ -55,6 +58,7 @@ class PooledCache(DynamicCache):
         if model is not None and config is None:
             config = _text_config(model)
         super().__init__(ddp_cache_data, config=config, **dynamic_cache_kwargs)
+        self._use_append_layers()
         if salt is not None and not isinstance(salt, (str, bytes)):
             raise TypeError(f"salt must be a str or bytes, got {type(salt).__name__}")
         self._salt = salt
@@ -96,7 +100,17 @@ class PooledCache(DynamicCache):
         if self._state is None and self.get_seq_length() == 0:
             # Lay out the layers as generate() would for this model (sliding-window layers...).
             DynamicCache.__init__(self, config=_text_config(state.model))
+            self._use_append_layers()
         self._state = state
+
+    def _use_append_layers(self) -> None:
+        """Full-attention layers append in place (``layers.py``); sliding and other layers stay."""
+        if self.layer_class_to_replicate is DynamicLayer:
+            self.layer_class_to_replicate = AppendLayer
+        self.layers = [
+            AppendLayer() if type(layer) is DynamicLayer and not layer.is_initialized else layer
+            for layer in self.layers
+        ]
 
     # ---------------------------------------------------------------- generate() hooks
     @property

@@ -28,12 +28,13 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from .cache import PooledCache
 from .fingerprint import ModelFingerprint
 from .hashing import block_hashes, namespace_key
+from .layers import AppendLayer, adopt, spare_columns
 from .pool import KVPool, LayoutMismatchError
 from .tracking import CallTracker, _UnsupportedLayers
 
 __all__ = ["enable", "get_pool", "weights_changed", "model_state", "ModelState"]
 
-_SUPPORTED_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+_SUPPORTED_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, AppendLayer)
 _CACHE_KWARGS = ("cache", "past_key_values")
 _PER_TOKEN_KWARGS = ("position_ids", "token_type_ids")
 
@@ -195,14 +196,20 @@ def _prefill(module, state: ModelState, cache: PooledCache, input_ids, args, kwa
     columns = 0
     if max_columns > 0:
         try:
-            fetched = pool.fetch(chains, pads, sum(len(t) for t in tokens), max_columns, namespace)
+            # layers that append in place get their buffer straight from the gather, with room
+            # for this prompt and some decoding
+            room = [
+                length + spare_columns(length) if isinstance(layer, AppendLayer) else 0
+                for layer in cache.layers
+            ]
+            fetched = pool.fetch(chains, pads, sum(len(t) for t in tokens), max_columns, namespace, room)
         except Exception as exc:  # a failed gather (e.g. out of memory): compute everything
             _warn_once(f"reading the pool failed ({type(exc).__name__}: {exc})")
             fetched = None
         if fetched is not None and fetched.columns > 0:
             columns = fetched.columns
             for layer, (k, v) in zip(cache.layers, fetched.layer_kv):
-                _fill_layer(layer, k, v)
+                _fill_layer(layer, k, v, columns)
     cache.reused_tokens = [max(0, columns - p) for p in pads]
     cache._tracker = CallTracker(pool, namespace, len(cache.layers), pads, tokens, chains, columns, length)
     if columns == 0:
@@ -287,14 +294,20 @@ def _reusable_columns(module, kwargs: dict, length: int) -> int:
     return length - keep
 
 
-def _fill_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Put ``[B, H, C, D]`` pooled K/V into an empty layer, as ``layer.update`` would, without a copy."""
+def _fill_layer(layer, keys: torch.Tensor, values: torch.Tensor, columns: int) -> None:
+    """Put pooled K/V (``[B, H, >= columns, D]``, the first ``columns`` filled) into an empty layer,
+    holding what ``layer.update`` would hold after receiving those columns."""
+    if isinstance(layer, AppendLayer):
+        adopt(layer, keys, values, columns)
+        return
+    keys, values = keys[:, :, :columns], values[:, :, :columns]
     layer.lazy_initialization(keys, values)
     if isinstance(layer, DynamicSlidingWindowLayer):
-        layer.cumulative_length = keys.shape[-2]
+        layer.cumulative_length = columns
         if not layer.record_past:
-            keys = keys[:, :, -layer.sliding_window + 1 :, :]
-            values = values[:, :, -layer.sliding_window + 1 :, :]
+            # a copy of the window: a view would keep the whole gathered prefix alive
+            keys = keys[:, :, -layer.sliding_window + 1 :, :].clone()
+            values = values[:, :, -layer.sliding_window + 1 :, :].clone()
     layer.keys, layer.values = keys, values
 
 

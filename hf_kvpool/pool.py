@@ -86,7 +86,7 @@ class Fetched:
     """Result of :meth:`KVPool.fetch`."""
 
     columns: int  # C: leading columns of every row filled from the pool
-    layer_kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer [B, H, C, D]; None if C == 0
+    layer_kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per layer [B, H, >= C, D]; None if C == 0
 
 
 class KVPool:
@@ -230,11 +230,13 @@ class KVPool:
         query_tokens: int,
         max_columns: int,
         namespace: bytes = b"",
+        room: list[int] | None = None,
     ) -> Fetched:
         """Look up every row's chain and gather the reusable leading columns.
 
         Row ``b`` is ``pads[b]`` pad columns followed by tokens whose full blocks are ``chains[b]``.
         ``C = min_b(pads[b] + matched_tokens[b])``, capped at ``max_columns``; pad columns are zero.
+        ``room``: per layer, columns to allocate for the result (see :meth:`BlockStore.gather`).
         """
         with self._lock:
             self._lookups += 1
@@ -259,7 +261,9 @@ class KVPool:
                         dst.append(pad + j * bs)
                         ntok.append(min(bs, need - j * bs))
                 full = not any(pads)  # no pad column: every column is written
-                layer_kv = self._store.gather(ids, rows, dst, ntok, len(chains), columns, full=full)
+                layer_kv = self._store.gather(
+                    ids, rows, dst, ntok, len(chains), columns, full=full, room=room
+                )
                 self._hit_tokens += sum(max(0, columns - p) for p in pads)
                 return Fetched(columns, layer_kv)
             finally:
