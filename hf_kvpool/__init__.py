@@ -2,7 +2,17 @@
 
 from .cache import PooledCache
 from .integration import enable, get_pool, weights_changed
-from .pool import KVPool, PoolStats
+from .pool import KVPool, PoolConfigError, PoolStats
+from .snapshot import SnapshotError
 
-__all__ = ["PooledCache", "KVPool", "PoolStats", "enable", "get_pool", "weights_changed"]
+__all__ = [
+    "PooledCache",
+    "KVPool",
+    "PoolStats",
+    "PoolConfigError",
+    "SnapshotError",
+    "enable",
+    "get_pool",
+    "weights_changed",
+]
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ from .cache import PooledCache
 from .fingerprint import ModelFingerprint
 from .hashing import block_hashes, namespace_key
 from .layers import AppendLayer, adopt, spare_columns
-from .pool import KVPool, LayoutMismatchError
+from .pool import KVPool, PoolConfigError
 from .tracking import CallTracker, _UnsupportedLayers
 
 __all__ = ["enable", "get_pool", "weights_changed", "model_state", "ModelState"]
@@ -75,6 +75,7 @@ def enable(model: torch.nn.Module, pool: KVPool | None = None) -> torch.nn.Modul
         if state is None:
             state = ModelState(weakref.ref(model), pool or KVPool(), ModelFingerprint(model))
             state.unsupported = _why_unsupported(model)
+            _remove_our_hooks(model)  # a copy of an enabled model carries them without a state
             state.handles = [
                 model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
                 model.register_forward_hook(_post_forward, with_kwargs=True),
@@ -83,6 +84,17 @@ def enable(model: torch.nn.Module, pool: KVPool | None = None) -> torch.nn.Modul
         elif pool is not None:
             state.pool = pool
     return model
+
+
+def _remove_our_hooks(model: torch.nn.Module) -> None:
+    for hooks, extras in (
+        (model._forward_pre_hooks, (model._forward_pre_hooks_with_kwargs,)),
+        (model._forward_hooks, (model._forward_hooks_with_kwargs, model._forward_hooks_always_called)),
+    ):
+        for key in [k for k, fn in hooks.items() if fn in (_pre_forward, _post_forward)]:
+            del hooks[key]
+            for extra in extras:
+                extra.pop(key, None)
 
 
 def get_pool(model: torch.nn.Module) -> KVPool:
@@ -186,7 +198,8 @@ def _prefill(module, state: ModelState, cache: PooledCache, input_ids, args, kwa
     pool = cache.pool
     salt = cache.salt
     fingerprint = state.fingerprint.digest()
-    namespace = namespace_key(fingerprint, b"" if salt is None else salt)
+    # parts are length-prefixed: no salt and an empty salt are different namespaces
+    namespace = namespace_key(fingerprint) if salt is None else namespace_key(fingerprint, salt)
     if namespace not in pool.namespaces:  # what a snapshot records about its blocks
         pool.namespaces[namespace] = {"model": fingerprint.hex(), "salt": _salt_text(salt)}
     tokens = [ids[b, pads[b] :] for b in range(batch)]
@@ -318,7 +331,7 @@ def _post_forward(module, args, kwargs, output):
         return None
     try:
         cache._tracker.commit_if_due()
-    except LayoutMismatchError:
+    except PoolConfigError:  # a user error: say it, do not swallow it
         cache._tracker = None
         raise
     except _UnsupportedLayers as exc:

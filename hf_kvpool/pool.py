@@ -25,6 +25,7 @@ __all__ = [
     "KVPool",
     "PoolStats",
     "BlockInfo",
+    "PoolConfigError",
     "LayoutMismatchError",
     "CPU_DEFAULT_CAPACITY_BYTES",
     "CUDA_DEFAULT_FREE_FRACTION",
@@ -37,8 +38,12 @@ _BACKENDS = ("auto", "torch", "triton")
 Chain = list[tuple[bytes, bytes]]
 
 
-class LayoutMismatchError(ValueError):
-    """A pool filled by one model layout was handed K/V of another (a user error, always raised)."""
+class PoolConfigError(ValueError):
+    """The pool cannot serve this model as configured (a user error: raised, never swallowed)."""
+
+
+class LayoutMismatchError(PoolConfigError):
+    """A pool filled by one model layout was handed K/V of another."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class KVPool:
     ):
         if (
             not isinstance(block_size, int)
+            or isinstance(block_size, bool)
             or block_size < 1
             or block_size > 1024
             or block_size & (block_size - 1)
@@ -186,7 +192,7 @@ class KVPool:
         if self._capacity_bytes is not None:
             n = self._capacity_bytes // per_block
             if n < 1:
-                raise ValueError(
+                raise PoolConfigError(
                     f"capacity_bytes={self._capacity_bytes} is smaller than one block: a block of "
                     f"{self.block_size} tokens takes {per_block} bytes for this model; raise capacity_bytes "
                     "or lower block_size"
@@ -244,8 +250,10 @@ class KVPool:
             if self._manager is None or max_columns <= 0:
                 return Fetched(0, None)
             bs = self.block_size
-            matched = [self._manager.match(chain) for chain in chains]
+            matched: list[list[int]] = []
             try:
+                for chain in chains:
+                    matched.append(self._manager.match(chain))
                 if self._host is not None or self._remote is not None:
                     for chain, m in zip(chains, matched):
                         m.extend(self._promote(chain, len(m), namespace))
