@@ -9,11 +9,10 @@ import sys
 import time
 
 import pytest
-import torch
 from helpers import pooled
 from tiny_models import build, prompt
 
-from hf_kvpool import KVPool, PooledCache
+from hf_kvpool import KVPool
 from hf_kvpool.snapshot import SnapshotError
 
 BS = 4
