@@ -39,10 +39,7 @@ import contextlib
 import datetime as dt
 import json
 import platform
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,6 +51,7 @@ from transformers import DynamicCache
 
 import hf_kvpool
 from hf_kvpool import KVPool, PooledCache
+from hf_kvpool.redis_server import local_redis_server
 from hf_kvpool.workloads import load_mooncake, tiny_llama, trace_ideal_hits, trace_prompt
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,44 +127,12 @@ def bytes_per_block(model, block_size: int, device) -> int:
 
 @contextlib.contextmanager
 def local_redis():
-    """A private redis-server on a free loopback port, stopped afterwards; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("--redis needs redis-server (apt-get install redis-server), or pass --remote URL")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--maxmemory-policy",
-            "allkeys-lru",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """A private redis-server for this run; yields its URL."""
     try:
-        url = f"redis://127.0.0.1:{port}/0"
-        import redis
-
-        client = redis.Redis.from_url(url)
-        for _ in range(100):
-            with contextlib.suppress(redis.ConnectionError):
-                client.ping()
-                break
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
+        with local_redis_server() as (url, _):
+            yield url
+    except FileNotFoundError as exc:
+        raise SystemExit(f"--redis: {exc}; or pass --remote URL") from exc
 
 
 def flush_redis(url: str) -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 from helpers import pooled
@@ -150,54 +148,15 @@ def test_pool_cannot_be_pickled():
 
 
 # ---------------------------------------------------------------------------- Redis
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def redis_url():
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (.ci/run installs it: apt-get install redis-server)")
     pytest.importorskip("redis")
-    import redis
+    from hf_kvpool.redis_server import local_redis_server
 
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--maxmemory",
-            "64mb",
-            "--maxmemory-policy",
-            "allkeys-lru",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("redis-server did not start")
-    yield url, proc
-    proc.kill()
-    proc.wait(timeout=10)
+    with local_redis_server(maxmemory="64mb") as (url, proc):
+        yield url, proc
 
 
 def test_two_pools_share_through_redis(model, redis_url):
