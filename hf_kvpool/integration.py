@@ -205,7 +205,14 @@ def _prefill(module, state: ModelState, cache: PooledCache, input_ids, args, kwa
     tokens = [ids[b, pads[b] :] for b in range(batch)]
     chains = [block_hashes(t, pool.block_size, namespace) for t in tokens]
 
-    max_columns = _reusable_columns(module, kwargs, length) if armed else 0
+    if armed:
+        max_columns = _reusable_columns(module, kwargs, length)
+    else:
+        max_columns = 0
+        _warn_once(
+            "a forward called outside generate() returns every position, so it is computed in full "
+            "(its blocks are still stored for later generate() calls)"
+        )
     columns = 0
     if max_columns > 0:
         try:
