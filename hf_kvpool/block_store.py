@@ -143,13 +143,19 @@ class BlockStore:
         """Shape and dtype of one block in each group: ``[n_layers, 2, H, bs, D]``."""
         return [(list(g.data.shape[1:]), g.data.dtype) for g in self.groups]
 
-    def read_block(self, block_id: int, pin: bool = False) -> list[torch.Tensor]:
-        """A host copy of one block (every group); pinned memory when ``pin``. Blocks until copied."""
+    def read_block(self, block_id: int, pin: bool = False, wait: bool = True) -> list[torch.Tensor]:
+        """A host copy of one block (every group), in pinned memory when ``pin`` and on CUDA.
+
+        ``wait=False`` (pinned only) queues the copy on the current stream without a host sync: later
+        work on that stream (a scatter reusing the block id, a copy back) is ordered after it, but
+        the host must not read the bytes before the stream gets there.
+        """
         out = []
         for g in self.groups:
             src = g.data[block_id]
-            dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin and src.is_cuda)
-            dst.copy_(src)
+            pinned = pin and src.is_cuda
+            dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=pinned)
+            dst.copy_(src, non_blocking=pinned and not wait)
             out.append(dst)
         return out
 

@@ -312,13 +312,16 @@ class KVPool:
             return len(plan.block_ids)
 
     # ------------------------------------------------------------------ tiers
-    def _entry(self, blk: Block) -> TierEntry:
-        payload = self._store.read_block(blk.block_id, pin=True)
+    def _entry(self, blk: Block, wait: bool = True) -> TierEntry:
+        payload = self._store.read_block(blk.block_id, pin=True, wait=wait)
         return TierEntry(blk.key, self._manager.parent_key(blk), blk.tokens, payload)
 
     def _spill(self, blk: Block) -> None:
-        """Eviction callback: keep the block in the host tier (called under the lock)."""
-        self._host.put(self._entry(blk))
+        """Eviction callback: keep the block in the host tier (called under the lock).
+
+        The device-to-host copy is queued on the current stream, without a host sync: the scatter
+        that reuses the block id, and any copy back, run after it on the same stream."""
+        self._host.put(self._entry(blk, wait=False))
 
     def _write_through(self, chain: Chain, first: int, block_ids: list[int], namespace: bytes) -> None:
         entries = [self._entry(self._manager.block(bid)) for bid in block_ids]
