@@ -90,13 +90,23 @@ def torch_scatter(
         srcs = [(k.view(torch.int8), v.view(torch.int8)) for k, v in srcs]
     bs = storage.shape[4]
     full = [bs] * block_ids.numel()
+    ids_l = block_ids.tolist()
     for i0, i1, row, col0, count in _runs(rows.tolist(), src_cols.tolist(), full, bs):
-        ids = block_ids[i0:i1]
+        n = i1 - i0
+        # consecutive block ids (the usual case on a pool with free room): one strided copy into a
+        # slice, no temporary; otherwise index_copy_ from a reshaped copy
+        contiguous_ids = ids_l[i1 - 1] - ids_l[i0] == n - 1 and ids_l[i0:i1] == list(
+            range(ids_l[i0], ids_l[i1 - 1] + 1)
+        )
         for layer, pair in enumerate(srcs):
             for kv, src in enumerate(pair):
-                tokens = src[row, :, col0 : col0 + count]  # [H, n*bs, D]
-                tokens = tokens.reshape(tokens.shape[0], i1 - i0, bs, tokens.shape[-1]).transpose(0, 1)
-                storage[:, layer, kv].index_copy_(0, ids, tokens)  # [n, H, bs, D]
+                tokens = (
+                    src[row, :, col0 : col0 + count].unflatten(1, (n, bs)).transpose(0, 1)
+                )  # [n, H, bs, D]
+                if contiguous_ids:
+                    storage[ids_l[i0] : ids_l[i0] + n, layer, kv].copy_(tokens)
+                else:
+                    storage[:, layer, kv].index_copy_(0, block_ids[i0:i1], tokens)
 
 
 def gather(backend: str, *args, **kwargs) -> torch.Tensor:
