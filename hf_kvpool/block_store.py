@@ -163,11 +163,3 @@ class BlockStore:
         """Copy one block's data (from :meth:`read_block`, any device) into ``block_id``."""
         for g, src in zip(self.groups, payload, strict=True):
             g.data[block_id].copy_(src, non_blocking=True)
-
-    def read(self, block_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(k, v)`` of one block of one layer, each ``[H, bs, D]`` (views into storage)."""
-        for group in self.groups:
-            if layer in group.layers:
-                i = group.layers.index(layer)
-                return group.data[block_id, i, 0], group.data[block_id, i, 1]
-        raise IndexError(f"no layer {layer} in this store")

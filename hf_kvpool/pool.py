@@ -308,7 +308,7 @@ class KVPool:
                 raise
             self._manager.publish(plan)
             if self._remote is not None:
-                self._write_through(plan.chain, plan.first, plan.block_ids, namespace)
+                self._write_through(plan.block_ids, namespace)
             return len(plan.block_ids)
 
     # ------------------------------------------------------------------ tiers
@@ -323,7 +323,7 @@ class KVPool:
         that reuses the block id, and any copy back, run after it on the same stream."""
         self._host.put(self._entry(blk, wait=False))
 
-    def _write_through(self, chain: Chain, first: int, block_ids: list[int], namespace: bytes) -> None:
+    def _write_through(self, block_ids: list[int], namespace: bytes) -> None:
         entries = [self._entry(self._manager.block(bid)) for bid in block_ids]
         self._remote.put_many(namespace, entries)
 
