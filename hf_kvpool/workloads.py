@@ -44,6 +44,7 @@ __all__ = [
     "scaled_length",
     "trace_ideal_hits",
     "tiny_llama",
+    "environment",
     "MODEL_SIZES",
 ]
 
@@ -329,3 +330,27 @@ def tiny_llama(size: str = "quick", device="cpu", dtype=None, vocab_size: int = 
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.to(device=device, dtype=dtype).eval()
+
+
+def environment(device) -> dict:
+    """What a benchmark ran on: versions, platform, threads, device (for its JSON)."""
+    import os
+    import platform
+
+    import torch
+    import transformers
+
+    from . import __version__
+
+    device = torch.device(device)
+    return dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        hf_kvpool=__version__,
+        platform=platform.platform(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+    )

@@ -35,8 +35,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -50,7 +48,7 @@ from transformers import DynamicCache
 
 import hf_kvpool
 from hf_kvpool import KVPool, PooledCache
-from hf_kvpool.workloads import agent_workload, ideal_hits, tiny_llama
+from hf_kvpool.workloads import agent_workload, environment, ideal_hits, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("stateless", "pooled", "oracle", "hf-cb")
@@ -648,17 +646,7 @@ def main(argv=None) -> int:
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         argv=sys.argv[1:],
         args=vars(args),
-        environment=dict(
-            python=platform.python_version(),
-            torch=torch.__version__,
-            transformers=__import__("transformers").__version__,
-            hf_kvpool=hf_kvpool.__version__,
-            platform=platform.platform(),
-            cpu_count=os.cpu_count(),
-            torch_threads=torch.get_num_threads(),
-            device=str(device),
-            device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        ),
+        environment=environment(device),
         workload=dict(
             preset=preset,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in wl_kwargs.items()},

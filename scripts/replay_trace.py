@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import platform
 import statistics
 import sys
 import time
@@ -52,7 +51,7 @@ from transformers import DynamicCache
 import hf_kvpool
 from hf_kvpool import KVPool, PooledCache
 from hf_kvpool.redis_server import local_redis_server
-from hf_kvpool.workloads import load_mooncake, tiny_llama, trace_ideal_hits, trace_prompt
+from hf_kvpool.workloads import environment, load_mooncake, tiny_llama, trace_ideal_hits, trace_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
@@ -413,14 +412,7 @@ def main(argv=None) -> int:
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         argv=sys.argv[1:],
         args=vars(args),
-        environment=dict(
-            python=platform.python_version(),
-            torch=torch.__version__,
-            transformers=__import__("transformers").__version__,
-            hf_kvpool=hf_kvpool.__version__,
-            torch_threads=torch.get_num_threads(),
-            device=str(device),
-        ),
+        environment=environment(device),
         requests=len(requests),
         prompt_tokens=sum(lengths),
         footprint_blocks=footprint,
