@@ -1,6 +1,6 @@
 """End-to-end benchmark: concurrent coding-agent sessions through model.generate().
 
-What it measures. A seeded workload (``hf_kvpool.workloads.agent_workload``): several agent
+What it measures. A seeded workload (``scripts/workloads.py``): several agent
 sessions, interleaved round-robin, share a system prompt and tool descriptions; each turn appends
 a tool result (50-3000 tokens) to the session's full history, including the model's previous
 answer, and generates a short answer (16-128 tokens, always exactly that many). The same calls run
@@ -48,7 +48,7 @@ from transformers import DynamicCache
 
 import hf_kvpool
 from hf_kvpool import KVPool, PooledCache
-from hf_kvpool.workloads import agent_workload, environment, ideal_hits, tiny_llama
+from workloads import agent_workload, environment, ideal_hits, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("stateless", "pooled", "oracle", "hf-cb")

@@ -10,7 +10,7 @@ What it measures.
    so pool blocks line up with the trace's blocks. The pool's hit rate (prompt tokens served from
    the pool / prompt tokens, from ``PooledCache.reused_tokens``) is reported next to the ideal hit
    rate of an infinite prefix cache, computed from the hash ids alone
-   (``hf_kvpool.workloads.trace_ideal_hits``).
+   (``scripts/workloads.py``).
 2. Hit rate versus capacity: the same replay with pools of several sizes (``--curve``: fractions of
    the trace's footprint, the distinct blocks an infinite cache would hold), plotted to a PNG.
    A capacity of ``n`` blocks is ``KVPool(capacity_bytes=n * bytes_per_block)``, bytes per block
@@ -50,8 +50,8 @@ from transformers import DynamicCache
 
 import hf_kvpool
 from hf_kvpool import KVPool, PooledCache
-from hf_kvpool.redis_server import local_redis_server
-from hf_kvpool.workloads import environment, load_mooncake, tiny_llama, trace_ideal_hits, trace_prompt
+from redis_server import local_redis_server
+from workloads import environment, load_mooncake, tiny_llama, trace_ideal_hits, trace_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"

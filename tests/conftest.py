@@ -1,12 +1,17 @@
 """Shared test set-up.
 
-Without a GPU, Triton kernels run under the interpreter. ``TRITON_INTERPRET`` is read when a kernel
+``scripts/`` is importable (workloads, the redis-server helper). Without a GPU, Triton kernels run under the interpreter. ``TRITON_INTERPRET`` is read when a kernel
 is *defined*, so it is set here, before any test module imports ``hf_kvpool.triton_kernels``.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# benchmark workloads and the private redis-server helper live in scripts/ (not in the library)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -153,7 +153,7 @@ def redis_url():
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (.ci/run installs it: apt-get install redis-server)")
     pytest.importorskip("redis")
-    from hf_kvpool.redis_server import local_redis_server
+    from redis_server import local_redis_server
 
     with local_redis_server(maxmemory="64mb") as (url, proc):
         yield url, proc

@@ -1,4 +1,4 @@
-"""hf_kvpool.workloads: seeded agent sessions, ideal hit rates, Mooncake trace loading (no model runs)."""
+"""scripts/workloads.py: seeded agent sessions, ideal hit rates, Mooncake trace loading (no model runs)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from hf_kvpool.workloads import (
+from workloads import (
     PrefixIndex,
     agent_workload,
     ideal_hits,
