@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from . import compat
 from .layers import AppendLayer
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ class PooledCache(DynamicCache):
     """Drop-in replacement for :class:`transformers.DynamicCache` that reuses K/V across calls.
 
     Args:
-        model: the model this cache serves. Given, the model is enabled (:func:`hf_kvpool.enable`)
+        model: the model this cache serves (a PEFT model too). Given, the model is enabled (:func:`hf_kvpool.enable`)
             and nothing else is needed. Without it, the cache binds to the first enabled model that
             uses it; a model that was never enabled sees a plain ``DynamicCache``.
         pool: the :class:`~hf_kvpool.KVPool` to use; default: the model's pool (:func:`hf_kvpool.get_pool`).
@@ -55,6 +56,7 @@ class PooledCache(DynamicCache):
         ddp_cache_data = None
         if model is not None and not isinstance(model, torch.nn.Module):
             ddp_cache_data, model = model, None
+        model = compat.unwrap_model(model)
         if model is not None and config is None:
             config = _text_config(model)
         super().__init__(ddp_cache_data, config=config, **dynamic_cache_kwargs)

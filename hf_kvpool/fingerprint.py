@@ -1,32 +1,58 @@
-"""A model's fingerprint: a digest of its class, config and weights.
+"""A model's fingerprint: a digest of everything that decides the K/V it computes.
 
-K/V computed by one model (or one set of weights) must never be served to another, so every
-pool key lives in a namespace derived from this digest. It is
+K/V computed by one model (or one set of weights, adapters, switches) must never be served to
+another, so every pool key lives in a namespace derived from this digest. It covers
 
-- the same in two processes that load the same weights (a content hash, no ids or addresses),
-- cheap per call: the full pass over the weights runs once, and again only when a tensor's
-  version counter or storage changed (``optimizer.step()``, ``load_state_dict()``, ``p.copy_()``
-  under ``no_grad`` all bump version counters),
-- blind to in-place writes through ``p.data`` (they bypass version counters): after such a write
-  call :func:`hf_kvpool.weights_changed`.
+- the class, the config (every field the attention can read: RoPE scaling, sliding windows, the
+  attention implementation...) and the weights that take part in the forward, by content;
+- PEFT adapters: which adapters are active on each adapter layer, whether adapters are disabled
+  or merged, their scaling. Weights of adapters that are not active are left out, so the base
+  model under ``disable_adapter()`` keeps one namespace whatever the adapters' weights do, and a
+  training step on an adapter changes only the namespaces where that adapter is active;
+- the dtype and device type of every weight.
 
-Weights that accelerate offloaded (parameters on the ``meta`` device) are read from the hook's
-``weights_map``.
+It is the same in two processes with the same weights and adapters (a content hash, no ids or
+addresses) and cheap per call: :meth:`ModelFingerprint.scan` reads attributes and version
+counters; a tensor is hashed again only when its version counter or storage changed, and a state
+seen before (an adapter switched back on) is remembered. Writes through ``p.data`` bypass version
+counters: after such a write call :func:`hf_kvpool.weights_changed`.
+
+The same pass lists forward hooks that are neither hf_kvpool's nor known to be passive: they may
+change K/V in ways no attribute shows, so the caller computes without the pool while they exist.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import xxhash
 
-__all__ = ["ModelFingerprint"]
+from . import compat
+
+__all__ = ["ModelFingerprint", "Scan"]
 
 _CHUNK = 1 << 24  # elements per device-side checksum chunk
+_MEMO = 32  # states remembered (adapter on/off, several adapters...)
+# config fields that do not change K/V and that callers toggle: left out of the key
+_OUTPUT_ONLY = {
+    "_name_or_path",
+    "transformers_version",
+    "_commit_hash",
+    "output_hidden_states",
+    "output_attentions",
+    "_output_attentions",
+    "return_dict",
+    "use_cache",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "architectures",
+}
 
 
 def _tensor_digest(t: torch.Tensor) -> bytes:
@@ -49,74 +75,170 @@ def _tensor_digest(t: torch.Tensor) -> bytes:
     return np.asarray(sums.cpu()).astype("<i8").tobytes()
 
 
-def _offloaded_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Values of parameters that accelerate keeps off the module (``meta`` placeholders)."""
-    found: dict[str, torch.Tensor] = {}
-    for prefix, module in model.named_modules():
-        hook = getattr(module, "_hf_hook", None)
-        weights_map = getattr(hook, "weights_map", None)
-        if weights_map is None:
-            continue
-        for name, p in module.named_parameters(recurse=False):
-            if p.device.type == "meta":
-                try:
-                    found[f"{prefix}.{name}" if prefix else name] = weights_map[name]
-                except KeyError:
-                    pass
-    return found
+def _stable(value) -> str:
+    """A text of a config value that is the same in every process (no addresses)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_stable(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_stable(k)}:{_stable(v)}" for k, v in sorted(value.items(), key=str)) + "}"
+    if compat.is_config(value):
+        return config_text(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, torch.Tensor):  # weights are hashed by content elsewhere
+        return f"tensor{tuple(value.shape)}"
+    text = str(value)
+    return type(value).__qualname__ if " at 0x" in text else text
+
+
+def config_text(config) -> str:
+    """Every field of ``config`` (sub-configs included) that may change K/V, as stable text."""
+    fields = {k: v for k, v in vars(config).items() if k not in _OUTPUT_ONLY}
+    return type(config).__qualname__ + _stable(fields)
+
+
+@dataclass
+class Scan:
+    """What one pass over a model sees (:meth:`ModelFingerprint.scan`)."""
+
+    tensors: list[tuple[str, torch.Tensor]]  # (canonical name, tensor) of the weights in the forward
+    adapters: tuple  # per adapter layer in use: (path, disabled, adapters in use, merged adapters, settings)
+    adapter_layout: tuple  # every adapter layer: (path, merged adapters)
+    config: str
+    foreign_hooks: list[str]  # "module path: hook name" of hooks that may change K/V
+
+    def key(self) -> tuple:
+        return (
+            tuple((id(t), t._version, t.data_ptr(), t.device) for _, t in self.tensors),
+            self.adapters,
+            self.config,
+        )
 
 
 class ModelFingerprint:
-    """Digest of ``model`` (class, config, attention implementation, every parameter and buffer)."""
+    """Digest of what decides ``model``'s K/V (see module docstring).
 
-    def __init__(self, model: torch.nn.Module):
+    Args:
+        model: the causal LM whose forward the pool serves.
+        own_hooks: hook functions of hf_kvpool on this model (not foreign).
+    """
+
+    def __init__(self, model: torch.nn.Module, own_hooks: tuple = ()):
         self._model = weakref.ref(model)
+        self._own_hooks = own_hooks
         self._lock = threading.Lock()
-        self._versions: tuple | None = None
-        self._digest: bytes | None = None
+        # id(tensor) -> (weakref to it, version, data_ptr, digest): a tensor is rehashed only when
+        # it changed (the weakref guards against a new tensor reusing a freed id and address)
+        self._digests: dict[int, tuple[weakref.ref, int, int, bytes]] = {}
+        self._memo: OrderedDict[tuple, bytes] = OrderedDict()
+        self._adapter_layout: tuple | None = None  # adapter layer paths and merged adapters
+        self.hashed_tensors = 0  # tensors hashed so far (tests check the per-call cost)
 
-    def _version_key(self, model: torch.nn.Module) -> tuple:
-        return tuple(
-            (t._version, t.data_ptr(), t.device.type) for t in (*model.parameters(), *model.buffers())
-        )
-
-    def digest(self) -> bytes:
-        """The current digest (16 bytes); recomputed only when a weight changed."""
+    def _alive(self) -> torch.nn.Module:
         model = self._model()
         if model is None:
             raise RuntimeError("the model of this fingerprint was garbage-collected")
-        key = self._version_key(model)
+        return model
+
+    def scan(self) -> Scan:
+        """One pass over the model's modules and weights: attribute reads, no tensor hashing."""
+        model = self._alive()
+        inactive: set[int] = set()  # ids of weights of adapters that do not take part
+        adapters, layout = [], []
+        foreign = [f"(global): {name}" for name in compat.global_forward_hooks()]
+        for path, module in model.named_modules():
+            for hook in compat.forward_hooks(module):
+                if hook not in self._own_hooks and not compat.is_passive_hook(hook):
+                    foreign.append(f"{path or type(model).__name__}: {getattr(hook, '__qualname__', hook)}")
+            state = compat.adapter_state(module)
+            if state is None:
+                continue
+            disabled, active, merged, extras, containers = state
+            used = () if disabled else tuple(a for a in active if any(a in c for c in containers))
+            for container in containers:
+                for name, sub in container.items():
+                    if name not in used:
+                        if isinstance(sub, torch.Tensor):
+                            inactive.add(id(sub))
+                        else:
+                            inactive.update(id(t) for t in (*sub.parameters(), *sub.buffers()))
+            layout.append((path, merged))
+            if used or merged:  # an idle adapter layer computes what the plain layer computes
+                settings = tuple((a, _stable(extras.get(a))) for a in used)
+                adapters.append((compat.canonical_name(path), disabled, used, merged, settings))
+        tensors = [
+            (compat.canonical_name(name), t)
+            for name, t in (
+                *model.named_parameters(remove_duplicate=False),
+                *model.named_buffers(remove_duplicate=False),
+            )
+            if id(t) not in inactive
+        ]
+        tensors.sort(key=lambda item: item[0])
+        config = getattr(model, "config", None)
+        config = "" if config is None else config_text(config)
+        return Scan(tensors, tuple(adapters), tuple(layout), config, foreign)
+
+    def digest(self, scan: Scan | None = None) -> bytes:
+        """The current digest (16 bytes); tensors are hashed only when they changed."""
+        scan = scan or self.scan()
+        model = self._alive()
+        key = scan.key()
         with self._lock:
-            if key != self._versions:
-                self._digest = self._compute(model)
-                self._versions = key
-            return self._digest
+            if scan.adapter_layout != self._adapter_layout:
+                # adapter layers came or went, or an adapter was merged/unmerged: merges write the
+                # base weights through ``.data`` (no version bump), so everything is hashed again
+                if self._adapter_layout is not None:
+                    self._forget()
+                self._adapter_layout = scan.adapter_layout
+            found = self._memo.get(key)
+            if found is not None:
+                self._memo.move_to_end(key)
+                return found
+            digest = self._compute(model, scan)
+            self._memo[key] = digest
+            while len(self._memo) > _MEMO:
+                self._memo.popitem(last=False)
+            return digest
 
     def invalidate(self) -> None:
-        """Force a full recomputation on the next :meth:`digest` (after writes through ``.data``)."""
+        """Hash every tensor again on the next :meth:`digest` (after writes through ``.data``)."""
         with self._lock:
-            self._versions = None
+            self._forget()
 
-    @staticmethod
-    def _compute(model: torch.nn.Module) -> bytes:
+    def _forget(self) -> None:
+        self._digests.clear()
+        self._memo.clear()
+
+    def _tensor(self, t: torch.Tensor, offloaded: torch.Tensor | None) -> bytes:
+        source = offloaded if offloaded is not None else t
+        entry = self._digests.get(id(t))
+        if (
+            entry is not None
+            and entry[0]() is t
+            and entry[1] == t._version
+            and entry[2] == t.data_ptr()
+            and offloaded is None
+        ):
+            return entry[3]
+        digest = _tensor_digest(source) if source.device.type != "meta" and source.numel() else b""
+        self.hashed_tensors += 1
+        self._digests[id(t)] = (weakref.ref(t), t._version, t.data_ptr(), digest)
+        return digest
+
+    def _compute(self, model: torch.nn.Module, scan: Scan) -> bytes:
         h = xxhash.xxh3_128()
-        config = getattr(model, "config", None)
         h.update(type(model).__qualname__.encode())
-        if config is not None:
-            fields = config.to_dict()
-            for volatile in ("_name_or_path", "transformers_version", "_commit_hash"):
-                fields.pop(volatile, None)
-            h.update(json.dumps(fields, sort_keys=True, default=str).encode())
-            h.update(str(getattr(config, "_attn_implementation", None)).encode())
-        offloaded = _offloaded_weights(model)
-        named = [
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        ]
-        for name, t in sorted(named, key=lambda item: item[0]):
-            if t.device.type == "meta":
-                t = offloaded.get(name, t)
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            if t.device.type != "meta" and t.numel():
-                h.update(_tensor_digest(t))
+        h.update(scan.config.encode())
+        offloaded = {}
+        if any(t.device.type == "meta" for _, t in scan.tensors):
+            offloaded = compat.offloaded_weights(model, rename=compat.canonical_name)
+        for name, t in scan.tensors:
+            source = offloaded.get(name)
+            shown = source if source is not None else t
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{shown.device.type}|".encode())
+            h.update(self._tensor(t, source))
+        h.update(repr(scan.adapters).encode())
         return h.digest()

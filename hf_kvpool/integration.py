@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from . import compat
 from .cache import PooledCache
 from .fingerprint import ModelFingerprint
 from .hashing import block_hashes, namespace_key
@@ -62,10 +63,12 @@ def enable(model: torch.nn.Module, pool: KVPool | None = None) -> torch.nn.Modul
     """Let ``PooledCache()`` reuse K/V for ``model``. Idempotent; returns ``model``.
 
     Args:
-        model: a transformers causal LM (``*ForCausalLM``).
+        model: a transformers causal LM (``*ForCausalLM``), or a PEFT model wrapping one (the
+            hooks then go on the wrapped model, which ``PeftModel.generate`` runs).
         pool: the pool to serve this model by default; default: a new :class:`KVPool`. Passing a
             different pool to an already enabled model switches its default pool.
     """
+    model = compat.unwrap_model(model)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             f"enable() takes a torch.nn.Module (a transformers model), got {type(model).__name__}"
@@ -73,9 +76,11 @@ def enable(model: torch.nn.Module, pool: KVPool | None = None) -> torch.nn.Modul
     with _states_lock:
         state = _states.get(model)
         if state is None:
-            state = ModelState(weakref.ref(model), pool or KVPool(), ModelFingerprint(model))
+            fingerprint = ModelFingerprint(model, own_hooks=(_pre_forward, _post_forward))
+            state = ModelState(weakref.ref(model), pool or KVPool(), fingerprint)
             state.unsupported = _why_unsupported(model)
-            _remove_our_hooks(model)  # a copy of an enabled model carries them without a state
+            # a copy of an enabled model carries them without a state
+            compat.remove_forward_hooks(model, (_pre_forward, _post_forward))
             state.handles = [
                 model.register_forward_pre_hook(_pre_forward, with_kwargs=True),
                 model.register_forward_hook(_post_forward, with_kwargs=True),
@@ -86,25 +91,14 @@ def enable(model: torch.nn.Module, pool: KVPool | None = None) -> torch.nn.Modul
     return model
 
 
-def _remove_our_hooks(model: torch.nn.Module) -> None:
-    for hooks, extras in (
-        (model._forward_pre_hooks, (model._forward_pre_hooks_with_kwargs,)),
-        (model._forward_hooks, (model._forward_hooks_with_kwargs, model._forward_hooks_always_called)),
-    ):
-        for key in [k for k, fn in hooks.items() if fn in (_pre_forward, _post_forward)]:
-            del hooks[key]
-            for extra in extras:
-                extra.pop(key, None)
-
-
 def get_pool(model: torch.nn.Module) -> KVPool:
     """The pool that serves ``model`` by default (enables the model if needed)."""
-    enable(model)
+    model = enable(model)
     return _states[model].pool
 
 
 def model_state(model: torch.nn.Module) -> ModelState:
-    return _states[model]
+    return _states[compat.unwrap_model(model)]
 
 
 def weights_changed(model: torch.nn.Module) -> None:
@@ -112,6 +106,7 @@ def weights_changed(model: torch.nn.Module) -> None:
 
     Optimizer steps, ``load_state_dict`` and in-place ops under ``torch.no_grad`` are seen without it.
     """
+    model = compat.unwrap_model(model)
     if model in _states:
         _states[model].fingerprint.invalidate()
 
@@ -184,6 +179,7 @@ def _pre_forward(module, args, kwargs):
 
 def _prefill(module, state: ModelState, cache: PooledCache, input_ids, args, kwargs, armed: bool):
     batch, length = input_ids.shape
+    cache.reused_tokens = [0] * batch
     ids = input_ids.cpu().numpy()
     pads = _left_pads(kwargs.get("attention_mask"), batch, length)
     if pads is None:
@@ -195,9 +191,18 @@ def _prefill(module, state: ModelState, cache: PooledCache, input_ids, args, kwa
         return None
     _check_vocab(module, ids, pads)
 
+    scan = state.fingerprint.scan()
+    if scan.foreign_hooks:
+        # a hook may change K/V in ways no attribute shows: neither read nor fill the pool
+        _warn_once(
+            f"forward hooks that may change K/V are registered ({'; '.join(scan.foreign_hooks[:3])}), so "
+            "calls compute without the pool while they are; a hook that changes no value can say so "
+            "with `hook.hf_kvpool_passive = True`"
+        )
+        return None
     pool = cache.pool
     salt = cache.salt
-    fingerprint = state.fingerprint.digest()
+    fingerprint = state.fingerprint.digest(scan)
     # parts are length-prefixed: no salt and an empty salt are different namespaces
     namespace = namespace_key(fingerprint) if salt is None else namespace_key(fingerprint, salt)
     if namespace not in pool.namespaces:  # what a snapshot records about its blocks
