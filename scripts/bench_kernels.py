@@ -6,7 +6,7 @@ moved, default 16 MiB / 256 MiB / 2 GiB on CUDA, 4 / 16 / 64 MiB on CPU) it time
 - ``triton gather`` / ``triton scatter``: ``hf_kvpool.triton_kernels``, called with
   ``validate=False`` (validation adds one small sync); CUDA only, unless TRITON_INTERPRET=1 is set
   (then they run under the interpreter: a smoke test of this script, not a speed figure);
-- ``torch gather`` / ``torch scatter``: ``hf_kvpool.paged_copy.torch_gather`` / ``torch_scatter``;
+- ``torch gather`` / ``torch scatter``: ``hf_kvpool.core.paging.torch_gather`` / ``torch_scatter``;
 - ``copy``: ``dst.copy_(src)`` of the same number of bytes, the practical limit.
 
 GB/s = payload bytes / time (the same convention for every row; the memory traffic is twice that,
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from hf_kvpool.paged_copy import torch_gather, torch_scatter
+from hf_kvpool.core.paging import torch_gather, torch_scatter
 
 HEADS, HEAD_DIM, BLOCK_SIZE = 8, 128, 16
 

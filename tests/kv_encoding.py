@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_kvpool.hashing import block_hashes, namespace_key
+from hf_kvpool.core.hashing import block_hashes, namespace_key
 
 # three layers in two storage groups: (kv_heads, head_dim)
 LAYERS = [(2, 4), (2, 4), (1, 8)]

@@ -19,7 +19,7 @@ from helpers import assert_same, generate, reference
 from tiny_models import build, prompt
 
 from hf_kvpool import KVPool, PooledCache
-from hf_kvpool.integration import model_state
+from hf_kvpool.hf.enable import model_state
 
 peft = pytest.importorskip("peft")
 
@@ -258,7 +258,7 @@ def test_fingerprint_with_adapters_is_the_same_in_another_process(pm):
         sys.path.insert(0, "tests")
         from test_adapters import lora_model
         from hf_kvpool import PooledCache
-        from hf_kvpool.integration import model_state
+        from hf_kvpool.hf.enable import model_state
         pm = lora_model()
         PooledCache(pm)
         print(model_state(pm).fingerprint.digest().hex())

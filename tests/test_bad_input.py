@@ -16,9 +16,9 @@ from kv_encoding import chain as kv_chain
 from tiny_models import build, prompt
 
 import hf_kvpool
-import hf_kvpool.integration as integration
+import hf_kvpool.hf.registry as registry
 from hf_kvpool import KVPool, PooledCache
-from hf_kvpool.pool import LayoutMismatchError
+from hf_kvpool.core.pool import LayoutMismatchError
 
 BS = 4
 
@@ -74,12 +74,12 @@ def test_capacity_smaller_than_one_block_at_the_pool():
         match=rf"capacity_bytes=100 is smaller than one block: a block of 2 tokens takes {block_bytes(2)} bytes "
         r"for this model; raise capacity_bytes or lower block_size",
     ):
-        pool.commit(kv_chain(0, tokens, 2), 0, batch_kv(0, [tokens], [0]), 0, lambda j: 2 * j)
+        pool.commit(kv_chain(0, tokens, 2), 0, batch_kv(0, [tokens], [0]), 0, 0)
     assert pool._manager is None and pool._store is None  # nothing half-built
 
 
 def test_capacity_smaller_than_one_block_through_generate(model, monkeypatch):
-    monkeypatch.setattr(integration, "_warned", set())
+    monkeypatch.setattr(registry, "_warned", set())
     pool = KVPool(block_size=BS, capacity_bytes=1000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

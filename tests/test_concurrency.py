@@ -29,7 +29,7 @@ from kv_encoding import chain as kv_chain
 from tiny_models import build, prompt
 
 from hf_kvpool import KVPool, PooledCache
-from hf_kvpool.block_store import BlockStore, LayerSpec
+from hf_kvpool.core.block_store import BlockStore, LayerSpec
 
 SOAK = os.environ.get("HF_KVPOOL_SOAK") == "1"
 THREADS = 8
@@ -212,7 +212,7 @@ def hammer_pool(ops_per_thread: int, capacity: int, block_size: int = 2) -> dict
             if rng.random() < 0.5:
                 layer_kv = batch_kv(ns[0], rows, pads)
                 for b, c in enumerate(chains):
-                    pool.commit(c, 0, layer_kv, b, lambda j, p=pads[b]: p + j * block_size)
+                    pool.commit(c, 0, layer_kv, b, pads[b])
                 counts[t]["commits"] += 1
             else:
                 fetched = pool.fetch(chains, pads, sum(map(len, rows)), length - 1)

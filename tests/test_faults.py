@@ -24,11 +24,11 @@ from kv_encoding import batch_kv, block_bytes, check_fetched
 from kv_encoding import chain as kv_chain
 from tiny_models import build, prompt
 
-import hf_kvpool.integration as integration
-import hf_kvpool.paged_copy as paged_copy
+import hf_kvpool.core.paging as paged_copy
+import hf_kvpool.hf.registry as registry
 from hf_kvpool import KVPool, PooledCache
-from hf_kvpool.block_store import BlockStore
-from hf_kvpool.tiers import HostTier
+from hf_kvpool.core.block_store import BlockStore
+from hf_kvpool.core.tiers import HostTier
 
 BS = 4
 PER_BLOCK = 2 * 2 * 2 * BS * 16 * 4  # tiny Llama: 2 layers x (K, V) x 2 heads x BS x 16 dims, float32
@@ -51,7 +51,7 @@ def model():
 
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(integration, "_warned", set())
+    monkeypatch.setattr(registry, "_warned", set())
 
 
 class Fault:
@@ -309,7 +309,7 @@ def test_fault_in_the_second_storage_group(monkeypatch, exc):
     tokens = [0, 1, 2, 3, 0, 1]
     layer_kv = batch_kv(0, [tokens], [0])
     chain = kv_chain(0, tokens, 2)
-    pool.commit(chain[:1], 0, layer_kv, 0, lambda j: 2 * j)  # allocate; block 0 is stored
+    pool.commit(chain[:1], 0, layer_kv, 0, 0)  # allocate; block 0 is stored
     real = paged_copy.torch_scatter
     fault = Fault(exc, at=2)
 
@@ -319,14 +319,14 @@ def test_fault_in_the_second_storage_group(monkeypatch, exc):
 
     monkeypatch.setattr(paged_copy, "torch_scatter", scatter)
     with pytest.raises(type(EXCEPTIONS[exc]())):
-        pool.commit(chain, 0, layer_kv, 0, lambda j: 2 * j)
+        pool.commit(chain, 0, layer_kv, 0, 0)
     monkeypatch.undo()
     assert_consistent(pool)
     assert pool.stats().stored_blocks == 1
     fetched = pool.fetch([chain], [0], 6, 5)
     assert fetched.columns == 2
     check_fetched(fetched, [0], [tokens], [0])
-    assert pool.commit(chain, 0, layer_kv, 0, lambda j: 2 * j) == 2
+    assert pool.commit(chain, 0, layer_kv, 0, 0) == 2
     fetched = pool.fetch([chain], [0], 6, 5)
     assert fetched.columns == 5
     check_fetched(fetched, [0], [tokens], [0])

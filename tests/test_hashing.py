@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from hf_kvpool.hashing import ROOT, as_token_bytes, block_hashes, chain_hash, namespace_key
+from hf_kvpool.core.hashing import ROOT, as_token_bytes, block_hashes, chain_hash, namespace_key
 
 NS = namespace_key("model", "")
 

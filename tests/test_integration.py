@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 import hf_kvpool
 from hf_kvpool import KVPool, PooledCache
-from hf_kvpool.integration import model_state
+from hf_kvpool.hf.enable import model_state
 
 BS = 4
 
@@ -63,9 +63,9 @@ def test_inputs_embeds_runs_without_reuse(model):
 
 
 def test_never_enabled_model_behaves_like_dynamic_cache(monkeypatch):
-    import hf_kvpool.cache as cache_module
+    import hf_kvpool.hf.registry as registry
 
-    monkeypatch.setattr(cache_module, "_warned_unbound", False)
+    monkeypatch.setattr(registry, "_warned", set())
     model = build("qwen2", "sdpa", seed=5)
     ids = prompt(15, 4)
     with pytest.warns(UserWarning, match="hf_kvpool.enable"):
@@ -167,7 +167,7 @@ def test_fingerprint_is_content_based_and_stable_across_processes(model):
     assert model_state(hf_kvpool.enable(twin)).fingerprint.digest() == digest
     code = (
         "import sys; sys.path.insert(0, 'tests'); import hf_kvpool; from tiny_models import build; "
-        "from hf_kvpool.integration import model_state; m = hf_kvpool.enable(build('llama', 'sdpa')); "
+        "from hf_kvpool.hf.enable import model_state; m = hf_kvpool.enable(build('llama', 'sdpa')); "
         "print(model_state(m).fingerprint.digest().hex())"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -20,8 +20,8 @@ from tiny_models import build, prompt
 
 import hf_kvpool
 from hf_kvpool import KVPool, PooledCache
-from hf_kvpool.hashing import block_hashes, namespace_key
-from hf_kvpool.integration import model_state
+from hf_kvpool.core.hashing import block_hashes, namespace_key
+from hf_kvpool.hf.enable import model_state
 
 BS = 4
 
@@ -37,7 +37,7 @@ def test_same_tokens_under_two_salts_are_distinct_blocks():
     pool = KVPool(block_size=2, backend="torch")
     tokens = [0, 1, 2, 3, 0, 1, 2, 3]
     for ns in (0, 1):
-        written = pool.commit(kv_chain(ns, tokens, 2), 0, batch_kv(ns, [tokens], [0]), 0, lambda j: 2 * j)
+        written = pool.commit(kv_chain(ns, tokens, 2), 0, batch_kv(ns, [tokens], [0]), 0, 0)
         assert written == 4
     assert pool.stats().stored_blocks == 8
     ids = [pool._manager.match(kv_chain(ns, tokens, 2), pin=False) for ns in (0, 1)]
@@ -123,9 +123,9 @@ def test_models_with_equal_weights_share_and_others_do_not():
 
 
 def test_deepcopy_of_an_enabled_model_gets_one_set_of_hooks(model, monkeypatch):
-    import hf_kvpool.integration as integration
+    import hf_kvpool.hf.registry as registry
 
-    monkeypatch.setattr(integration, "_warned", set())
+    monkeypatch.setattr(registry, "_warned", set())
     pool = KVPool(block_size=BS)
     pooled(model, prompt(12, 6), pool)  # model is enabled
     twin = copy.deepcopy(model)

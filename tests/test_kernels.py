@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from hf_kvpool.paged_copy import gather, scatter, torch_gather, torch_scatter
+from hf_kvpool.core.paging import gather, scatter, torch_gather, torch_scatter
 from hf_kvpool.triton_kernels import paged_gather, paged_scatter
 from hf_kvpool.triton_kernels.paged_copy import _source_groups
 

@@ -5,7 +5,7 @@ import copy
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from hf_kvpool.layers import AppendLayer, adopt
+from hf_kvpool.hf.layers import AppendLayer, adopt
 
 
 def kv(n, b=2, h=3, d=5, seed=0):

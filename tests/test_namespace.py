@@ -64,7 +64,7 @@ def test_without_triton_hf_kvpool_imports_and_kernels_say_why(tmp_path):
 
         sys.meta_path.insert(0, NoTriton())
         import hf_kvpool
-        import hf_kvpool.paged_copy
+        import hf_kvpool.core.paging
         try:
             import hf_kvpool.triton_kernels
         except ImportError as exc:

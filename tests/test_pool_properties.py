@@ -72,7 +72,7 @@ def run_ops(pool: KVPool, ops) -> dict:
                 layer_kv = batch_kv(space, [r if n == space else [] for n, r in zip(ns, rows)], pads)
                 for b, (n, c) in enumerate(zip(ns, chains)):
                     if n == space and c:
-                        written = pool.commit(c, 0, layer_kv, b, lambda j, p=pads[b]: p + j * bs)
+                        written = pool.commit(c, 0, layer_kv, b, pads[b])
                         assert 0 <= written <= len(c)
                         seen["commits"] += 1
         else:

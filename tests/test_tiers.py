@@ -11,7 +11,7 @@ from helpers import pooled
 from tiny_models import build, prompt
 
 from hf_kvpool import KVPool
-from hf_kvpool.snapshot import SnapshotError
+from hf_kvpool.core.snapshot import SnapshotError
 
 BS = 4
 

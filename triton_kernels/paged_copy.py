@@ -1,6 +1,6 @@
 """Triton paged gather / paged scatter: the two data moves of the pool, as kernels.
 
-Same semantics and arguments as the torch reference (``hf_kvpool.paged_copy.torch_gather`` /
+Same semantics and arguments as the torch reference (``hf_kvpool.core.paging.torch_gather`` /
 ``torch_scatter``), which these kernels are tested against bit for bit. Storage layout::
 
     storage: [num_blocks, n_layers, 2, kv_heads, block_size, head_dim]   (2 = K, V)
@@ -32,18 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_device, check_index, check_storage, check_values
+
 __all__ = ["paged_gather", "paged_scatter"]
 
 # Bytes one program holds per token chunk: 16 KiB (8192 bf16 values) keeps registers in check.
 _TILE_BYTES = 16 * 1024
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _supported_dtypes() -> tuple[torch.dtype, ...]:
-    dtypes = [torch.float32, torch.float16, torch.bfloat16]
-    if hasattr(torch, "float8_e4m3fn"):
-        dtypes.append(torch.float8_e4m3fn)
-    return tuple(dtypes)
 
 
 def _as_int(t: torch.Tensor) -> torch.Tensor:
@@ -58,54 +53,6 @@ def _tiles(n_heads: int, block_size: int, head_dim: int, elem_size: int) -> tupl
     block_t = min(triton.next_power_of_2(block_size), max(1, budget // block_d))
     block_h = min(triton.next_power_of_2(n_heads), max(1, budget // (block_d * block_t)))
     return block_h, block_t, block_d
-
-
-def _is_interpreted(kernel) -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(kernel, InterpretedFunction)
-
-
-def _check_device(name: str, t: torch.Tensor, kernel) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and _is_interpreted(kernel):
-        return
-    raise ValueError(
-        f"{name} is on {t.device}: the Triton kernels need CUDA tensors (or CPU tensors with "
-        "TRITON_INTERPRET=1 set before hf_kvpool.triton_kernels is imported); use backend='torch' "
-        "for CPU tensors"
-    )
-
-
-def _check_index(name: str, t: torch.Tensor, n: int, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1:
-        got = (
-            f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        )
-        raise ValueError(f"{name} must be a 1-D int64 tensor, got {got}")
-    if t.numel() != n:
-        raise ValueError(f"{name} has {t.numel()} entries but block_ids has {n}; pass one per block")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but storage is on {device}; move it to {device}")
-
-
-def _check_storage(storage: torch.Tensor) -> None:
-    if not isinstance(storage, torch.Tensor) or storage.dim() != 6 or storage.shape[2] != 2:
-        shape = tuple(storage.shape) if isinstance(storage, torch.Tensor) else type(storage).__name__
-        raise ValueError(
-            f"storage must be [num_blocks, n_layers, 2, kv_heads, block_size, head_dim], got {shape}"
-        )
-    if storage.dtype not in _supported_dtypes():
-        raise ValueError(f"storage dtype {storage.dtype} is not supported; use one of {_supported_dtypes()}")
-    if 0 in storage.stride():
-        raise ValueError("storage has a zero stride (an expanded view); pass a tensor that owns its memory")
-
-
-def _check_values(ok: torch.Tensor, what: str) -> None:
-    """One device sync: ``ok`` is a boolean scalar tensor of all range checks."""
-    if not bool(ok):
-        raise IndexError(f"{what}; pass validate=False only for indices already known to be in range")
 
 
 # --------------------------------------------------------------------------------------------- gather
@@ -189,11 +136,11 @@ def paged_gather(
         ``out``.
     """
     kernel = _paged_gather_kernel
-    _check_storage(storage)
-    _check_device("storage", storage, kernel)
+    check_storage(storage)
+    check_device("storage", storage, kernel)
     n = block_ids.numel() if isinstance(block_ids, torch.Tensor) else -1
     for name, idx in (("block_ids", block_ids), ("rows", rows), ("dst_cols", dst_cols), ("ntok", ntok)):
-        _check_index(name, idx, n, storage.device)
+        check_index(name, idx, n, storage.device)
     N, L, _, H, bs, D = storage.shape
     if not isinstance(out, torch.Tensor) or out.dim() != 6:
         raise ValueError(f"out must be [L, 2, B, H, T, D], got {getattr(out, 'shape', type(out).__name__)}")
@@ -222,7 +169,7 @@ def paged_gather(
             & (dst_cols.min() >= 0)
             & ((dst_cols + ntok).max() <= T)
         )
-        _check_values(
+        check_values(
             ok, f"gather index out of range: need 0 <= block_ids < {N}, 0 <= rows < {B}, 1 <= ntok <= {bs}, "
             f"0 <= dst_cols and dst_cols + ntok <= {T}"
         )  # fmt: skip
@@ -352,11 +299,11 @@ def paged_scatter(
         validate: check index ranges first (one device sync).
     """
     kernel = _paged_scatter_kernel
-    _check_storage(storage)
-    _check_device("storage", storage, kernel)
+    check_storage(storage)
+    check_device("storage", storage, kernel)
     n = block_ids.numel() if isinstance(block_ids, torch.Tensor) else -1
     for name, idx in (("block_ids", block_ids), ("rows", rows), ("src_cols", src_cols)):
-        _check_index(name, idx, n, storage.device)
+        check_index(name, idx, n, storage.device)
     N, L, _, H, bs, D = storage.shape
     if len(srcs) != L:
         raise ValueError(f"srcs has {len(srcs)} layers but storage holds {L}; pass one (k, v) pair per layer")
@@ -391,7 +338,7 @@ def paged_scatter(
             & (src_cols.min() >= 0)
             & (src_cols.max() + bs <= S)
         )
-        _check_values(
+        check_values(
             ok, f"scatter index out of range: need 0 <= block_ids < {N}, 0 <= rows < {B}, "
             f"0 <= src_cols and src_cols + {bs} <= {S}"
         )  # fmt: skip

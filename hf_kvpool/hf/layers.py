@@ -15,9 +15,11 @@ from the pool copies them once, not twice.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-__all__ = ["AppendLayer", "adopt", "spare_columns"]
+from . import compat
+
+__all__ = ["AppendLayer", "adopt", "fill_layer", "spare_columns"]
 
 _MIN_SPARE = 64  # columns of spare room at least, on each (re)allocation
 
@@ -57,7 +59,7 @@ class AppendLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+            compat.init_layer(self, key_states, value_states)
         n, m = self._length(), key_states.shape[-2]
         if not self._is_prefix_view(key_states, n + m):
             self._regrow(n, n + m + spare_columns(n + m), key_states, value_states)
@@ -85,6 +87,20 @@ class AppendLayer(DynamicLayer):
 
 def adopt(layer: AppendLayer, kbuf: torch.Tensor, vbuf: torch.Tensor, filled: int) -> None:
     """Make ``[B, H, capacity, D]`` buffers, whose first ``filled`` columns hold K/V, the layer's."""
-    layer.lazy_initialization(kbuf, vbuf)
+    compat.init_layer(layer, kbuf, vbuf)
     layer._kbuf, layer._vbuf = kbuf, vbuf
     layer.keys, layer.values = kbuf[:, :, :filled], vbuf[:, :, :filled]
+
+
+def fill_layer(layer, keys: torch.Tensor, values: torch.Tensor, columns: int) -> None:
+    """Put pooled K/V (``[B, H, >= columns, D]``, the first ``columns`` filled) into an empty layer,
+    holding what ``layer.update`` would hold after receiving those columns."""
+    if isinstance(layer, AppendLayer):
+        adopt(layer, keys, values, columns)
+        return
+    keys, values = keys[:, :, :columns], values[:, :, :columns]
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        compat.restore_sliding_window(layer, keys, values, columns)
+        return
+    compat.init_layer(layer, keys, values)
+    layer.keys, layer.values = keys, values

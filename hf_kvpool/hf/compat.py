@@ -1,6 +1,8 @@
-"""Every private attribute of torch, accelerate and PEFT that hf_kvpool relies on, in one place.
+"""Every private attribute of transformers, torch, accelerate and PEFT that hf_kvpool relies on.
 
 Each function names what it reads; when a release renames something, this is the file to change.
+The transformers versions this was tested with are ``TESTED_TRANSFORMERS``; outside them
+``enable()`` says so and the model computes without the pool.
 """
 
 from __future__ import annotations
@@ -10,14 +12,22 @@ from torch import nn
 from transformers import PretrainedConfig
 
 __all__ = [
+    "TESTED_TRANSFORMERS",
+    "GenerateStartSignal",
     "adapter_state",
     "canonical_name",
     "forward_hooks",
     "global_forward_hooks",
+    "init_dynamic_cache",
+    "init_layer",
     "is_config",
     "is_passive_hook",
     "offloaded_weights",
     "remove_forward_hooks",
+    "replicated_layer_class",
+    "restore_sliding_window",
+    "set_replicated_layer_class",
+    "transformers_version_problem",
     "unwrap_model",
 ]
 
@@ -138,3 +148,77 @@ def adapter_state(module: nn.Module):
     if isinstance(saved, nn.ModuleDict) and hasattr(module, "_disable_adapters"):  # ModulesToSaveWrapper
         return bool(module._disable_adapters), tuple(module.active_adapters), (), {}, [saved]
     return None
+
+
+# ---------------------------------------------------------------------------- transformers
+# Versions whose generate() and cache classes this package was tested against: [first, first untested).
+TESTED_TRANSFORMERS = ("5.24.0", "5.25.0")
+
+
+def transformers_version_problem() -> str | None:
+    """Why the installed transformers is outside the tested range, or None."""
+    import transformers
+    from packaging.version import Version
+
+    installed = Version(transformers.__version__)
+    low, high = (Version(v) for v in TESTED_TRANSFORMERS)
+    if low <= installed < high:
+        return None
+    return (
+        f"transformers {transformers.__version__} is outside the versions hf_kvpool was tested with "
+        f"(>= {TESTED_TRANSFORMERS[0]}, < {TESTED_TRANSFORMERS[1]}); install one of those "
+        f"(pip install 'transformers>={TESTED_TRANSFORMERS[0]},<{TESTED_TRANSFORMERS[1]}')"
+    )
+
+
+class GenerateStartSignal:
+    """Mixin for a Cache: ``_on_generate_start()`` runs when generate() starts with this cache.
+
+    generate() sets ``_is_user_defined = True`` on a cache passed by the caller, once per call,
+    before its first forward (generation/utils.py). The attribute reads True for such a cache.
+    """
+
+    @property
+    def _is_user_defined(self) -> bool:
+        return True
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        self._on_generate_start()
+
+    def _on_generate_start(self) -> None:
+        raise NotImplementedError
+
+
+def init_dynamic_cache(cache, ddp_cache_data=None, config=None, **kwargs) -> None:
+    """``DynamicCache.__init__`` with its data first and positional, as DDP and export rebuild it."""
+    from transformers import DynamicCache
+
+    DynamicCache.__init__(cache, ddp_cache_data, config=config, **kwargs)
+
+
+def replicated_layer_class(cache):
+    """The layer class a DynamicCache without config appends for each new layer index."""
+    return cache.layer_class_to_replicate
+
+
+def set_replicated_layer_class(cache, layer_class) -> None:
+    cache.layer_class_to_replicate = layer_class
+
+
+def init_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """A layer's lazy initialisation from its first K/V (the two-argument form of 5.24)."""
+    layer.lazy_initialization(keys, values)
+
+
+def restore_sliding_window(layer, keys: torch.Tensor, values: torch.Tensor, total: int) -> None:
+    """Put the last ``total`` tokens' K/V (``[B, H, total, D]``) into an empty sliding-window layer,
+    as if ``update`` had received them: it keeps the window unless it records its past (assisted
+    decoding), and counts every token in ``cumulative_length``."""
+    init_layer(layer, keys, values)
+    layer.cumulative_length = total
+    if not layer.record_past:
+        # a copy of the window: a view would keep the whole gathered prefix alive
+        keys = keys[:, :, -layer.sliding_window + 1 :, :].clone()
+        values = values[:, :, -layer.sliding_window + 1 :, :].clone()
+    layer.keys, layer.values = keys, values

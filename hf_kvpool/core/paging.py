@@ -5,8 +5,8 @@ Storage layout (one tensor per group of layers that share device, dtype, kv_head
     storage: [num_blocks, n_layers, 2, kv_heads, block_size, head_dim]   (2 = K, V)
 
 A block's K/V for every layer of the group is one contiguous chunk. These functions are the CPU
-path and the reference the Triton kernels (``hf_kvpool.triton_kernels``) are tested against;
-``gather`` / ``scatter`` pick the backend.
+path and the reference the Triton kernels (``hf_kvpool.triton_kernels``, a separate package imported
+only when asked for) are tested against; ``gather`` / ``scatter`` pick the backend.
 """
 
 from __future__ import annotations

@@ -13,10 +13,21 @@ from collections.abc import Sequence
 import numpy as np
 import xxhash
 
-__all__ = ["ROOT", "HASH_SCHEME", "block_hashes", "chain_hash", "namespace_key"]
+__all__ = [
+    "ROOT",
+    "HASH_SCHEME",
+    "Chain",
+    "as_token_bytes",
+    "block_hashes",
+    "chain_hash",
+    "extend_chain",
+    "namespace_key",
+]
 
 ROOT = bytes(16)
 HASH_SCHEME = "xxh3_128(parent|namespace|int64le tokens)"
+
+Chain = list[tuple[bytes, bytes]]  # per full block, in order: (key, token ids as int64le bytes)
 
 
 def namespace_key(*parts: str | bytes) -> bytes:
@@ -41,7 +52,7 @@ def as_token_bytes(token_ids: Sequence[int] | np.ndarray) -> bytes:
 
 def block_hashes(
     token_ids: Sequence[int] | np.ndarray, block_size: int, namespace: bytes, parent: bytes = ROOT
-) -> list[tuple[bytes, bytes]]:
+) -> Chain:
     """Keys of every *full* block of ``token_ids``, chained from ``parent``.
 
     Returns ``[(key, token_bytes), ...]``, one pair per full block, in order.
@@ -54,3 +65,13 @@ def block_hashes(
         parent = chain_hash(parent, namespace, chunk)
         out.append((parent, chunk))
     return out
+
+
+def extend_chain(
+    chain: Chain, token_ids: Sequence[int] | np.ndarray, block_size: int, namespace: bytes
+) -> None:
+    """Append to ``chain`` (the blocks of a prefix of ``token_ids``) the keys of the full blocks of
+    ``token_ids`` it lacks."""
+    done = len(chain) * block_size
+    parent = chain[-1][0] if chain else ROOT
+    chain.extend(block_hashes(token_ids[done:], block_size, namespace, parent))

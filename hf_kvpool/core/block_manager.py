@@ -1,7 +1,8 @@
 """Pool bookkeeping: which block holds which tokens. Pure Python, no tensors.
 
 Blocks are published under a chained key (``hashing.py``). A published block records its parent,
-its token ids and how many published children it has. Eviction is least-recently-used among
+its token ids and how many published children it has; ``_insert`` is the one place a block becomes
+visible, and pins (blocks a reader holds: never evicted) are counted here only. Eviction is least-recently-used among
 *leaves* (blocks without published children), so a chain loses its descendants before its
 ancestors and no reachable chain has a missing ancestor.
 
@@ -20,6 +21,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .hashing import Chain
+
 __all__ = ["Block", "BlockManager", "CommitPlan"]
 
 
@@ -37,7 +40,7 @@ class Block:
 class CommitPlan:
     """Blocks ``chain[first : first + len(block_ids)]`` go into ``block_ids`` (reserved, unpublished)."""
 
-    chain: list[tuple[bytes, bytes]]
+    chain: Chain
     first: int
     block_ids: list[int]
     parent: int | None
@@ -77,7 +80,21 @@ class BlockManager:
         """Published blocks, least recently used first."""
         return [self._blocks[i] for i in self._lru]
 
-    def _walk(self, chain: list[tuple[bytes, bytes]]) -> list[int]:
+    def blocks_parents_first(self) -> list[Block]:
+        """Published blocks ordered so that every block comes after its parent."""
+        depth: dict[int, int] = {}
+        for blk in self._blocks.values():
+            path, node = [], blk
+            while node.block_id not in depth and node.parent is not None:
+                path.append(node)
+                node = self._blocks[node.parent]
+            d = depth.setdefault(node.block_id, 0)
+            for n in reversed(path):
+                d += 1
+                depth[n.block_id] = d
+        return sorted(self._blocks.values(), key=lambda b: depth[b.block_id])
+
+    def _walk(self, chain: Chain) -> list[int]:
         """Ids of the longest published prefix of ``chain``, verified by tokens and parent."""
         ids: list[int] = []
         parent = None
@@ -97,7 +114,7 @@ class BlockManager:
             self._lru.move_to_end(i)
 
     # ----------------------------------------------------------------- lookup
-    def match(self, chain: list[tuple[bytes, bytes]], pin: bool = True) -> list[int]:
+    def match(self, chain: Chain, pin: bool = True) -> list[int]:
         """Ids of the longest published prefix of ``chain``; touched, and pinned if ``pin``.
 
         Pinned blocks are never evicted; call :meth:`unpin` when their K/V has been read.
@@ -105,9 +122,13 @@ class BlockManager:
         ids = self._walk(chain)
         self._touch(ids)
         if pin:
-            for i in ids:
-                self._blocks[i].pins += 1
+            self.pin(ids)
         return ids
+
+    def pin(self, ids: list[int]) -> None:
+        """Protect published blocks from eviction until :meth:`unpin`."""
+        for i in ids:
+            self._blocks[i].pins += 1
 
     def unpin(self, ids: list[int]) -> None:
         for i in ids:
@@ -117,9 +138,7 @@ class BlockManager:
             blk.pins -= 1
 
     # ----------------------------------------------------------------- commit
-    def reserve(
-        self, chain: list[tuple[bytes, bytes]], data_from: int, limit: int | None = None
-    ) -> CommitPlan | None:
+    def reserve(self, chain: Chain, data_from: int, limit: int | None = None) -> CommitPlan | None:
         """Reserve free blocks for the part of ``chain`` that is not yet published.
 
         ``data_from``: the caller holds K/V for ``chain[data_from:]`` only. If a block before
@@ -135,8 +154,7 @@ class BlockManager:
             return None
         parent = present[-1] if present else None
         pinned = [parent] if parent is not None else []
-        for i in pinned:
-            self._blocks[i].pins += 1
+        self.pin(pinned)
         ids: list[int] = []
         try:
             want = len(chain) - first if limit is None else min(limit, len(chain) - first)
@@ -154,26 +172,26 @@ class BlockManager:
             return None
         return CommitPlan(chain=chain, first=first, block_ids=ids, parent=parent, pinned=pinned)
 
-    def publish(self, plan: CommitPlan) -> list[int]:
-        """Make a plan's blocks visible; returns the ids of the whole published chain."""
+    def publish(self, plan: CommitPlan) -> None:
+        """Make a plan's blocks visible (most recently used, with their chain)."""
         parent = plan.parent
         for offset, bid in enumerate(plan.block_ids):
             key, tokens = plan.chain[plan.first + offset]
-            blk = Block(block_id=bid, key=key, parent=parent, tokens=tokens)
             self._reserved.discard(bid)
-            self._blocks[bid] = blk
-            self._by_key[key] = blk
-            self._lru[bid] = None
-            if parent is not None:
-                self._blocks[parent].children += 1
+            self._insert(bid, key, tokens, parent)
             parent = bid
-        self.published_blocks += len(plan.block_ids)
-        for i in plan.pinned:
-            self._blocks[i].pins -= 1
+        self._unpin_present(plan.pinned)
         plan.pinned = []
-        chain_ids = self._walk(plan.chain)
-        self._touch(chain_ids)
-        return chain_ids
+        self._touch(self._walk(plan.chain))
+
+    def _insert(self, bid: int, key: bytes, tokens: bytes, parent: int | None) -> None:
+        """The one place a block becomes visible: indexed by key, last in LRU order, counted."""
+        self._blocks[bid] = blk = Block(block_id=bid, key=key, parent=parent, tokens=tokens)
+        self._by_key[key] = blk
+        self._lru[bid] = None
+        if parent is not None:
+            self._blocks[parent].children += 1
+        self.published_blocks += 1
 
     def abort(self, plan: CommitPlan) -> None:
         """Return a plan's reserved blocks unpublished."""
@@ -185,7 +203,10 @@ class BlockManager:
             if bid in self._reserved:
                 self._reserved.discard(bid)
                 self._free.append(bid)
-        for i in pinned:
+        self._unpin_present(pinned)
+
+    def _unpin_present(self, ids: list[int]) -> None:
+        for i in ids:
             if i in self._blocks:
                 self._blocks[i].pins -= 1
 
@@ -224,18 +245,12 @@ class BlockManager:
         if not self._free and not self._evict_one():
             raise RuntimeError("no free block to restore into")
         bid = self._free.popleft()
-        blk = Block(block_id=bid, key=key, parent=parent, tokens=tokens)
-        self._blocks[bid] = blk
-        self._by_key[key] = blk
-        self._lru[bid] = None
-        if parent is not None:
-            self._blocks[parent].children += 1
-            # keep every block before its parent in LRU order
-            node = parent
-            while node is not None:
-                self._lru.move_to_end(node)
-                node = self._blocks[node].parent
-        self.published_blocks += 1
+        self._insert(bid, key, tokens, parent)
+        # keep every block before its parent in LRU order
+        node = parent
+        while node is not None:
+            self._lru.move_to_end(node)
+            node = self._blocks[node].parent
         return bid
 
     def clear(self) -> None:

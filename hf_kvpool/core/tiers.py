@@ -3,8 +3,10 @@
 The device pool (``pool.py``) is the first tier. A block it evicts moves to the host tier instead
 of being dropped; with a Redis tier, every committed block is also written to Redis (so other
 processes can read it), and Redis does its own eviction (``maxmemory-policy allkeys-lru``).
-A lookup that misses on the device continues the chain in the host tier, then in Redis; the
-blocks found are copied back into device blocks and served.
+A lookup that misses on the device continues the chain in the host tier, then in Redis
+(:meth:`Tiers.find`); the pool copies the blocks found back into device blocks and serves them.
+:class:`Tiers` is that policy; its lookups and writes run outside the pool's lock (Redis is a
+network call), so a slow Redis never holds up other threads' use of the pool.
 
 An entry carries its key, its parent's key and its token ids, so a reader verifies a hit exactly as
 the device tier does (no reuse on a collision). A Redis value is a small binary header (magic,
@@ -23,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["TierEntry", "HostTier", "RedisTier", "encode_entry", "decode_entry"]
+from .hashing import Chain
+
+__all__ = ["TierEntry", "HostTier", "RedisTier", "Tiers", "encode_entry", "decode_entry"]
 
 _MAGIC = b"HFKVBLK1"
 
@@ -44,12 +48,12 @@ class HostTier:
     """A bounded LRU map of blocks in host memory (pinned when the device pool is on CUDA)."""
 
     def __init__(self, capacity_bytes: int):
-        if not isinstance(capacity_bytes, int) or capacity_bytes < 1:
+        if not isinstance(capacity_bytes, int) or isinstance(capacity_bytes, bool) or capacity_bytes < 1:
             raise ValueError(f"host_capacity_bytes must be a positive int, got {capacity_bytes!r}")
         self.capacity_bytes = capacity_bytes
         self._entries: OrderedDict[bytes, TierEntry] = OrderedDict()
         self._nbytes = 0
-        self.evicted = 0
+        self._lock = threading.Lock()  # puts come under the pool's lock, gets outside it
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -61,25 +65,27 @@ class HostTier:
     def put(self, entry: TierEntry) -> None:
         if entry.nbytes > self.capacity_bytes:
             return
-        old = self._entries.pop(entry.key, None)
-        if old is not None:
-            self._nbytes -= old.nbytes
-        while self._entries and self._nbytes + entry.nbytes > self.capacity_bytes:
-            _, dropped = self._entries.popitem(last=False)
-            self._nbytes -= dropped.nbytes
-            self.evicted += 1
-        self._entries[entry.key] = entry
-        self._nbytes += entry.nbytes
+        with self._lock:
+            old = self._entries.pop(entry.key, None)
+            if old is not None:
+                self._nbytes -= old.nbytes
+            while self._entries and self._nbytes + entry.nbytes > self.capacity_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._nbytes -= dropped.nbytes
+            self._entries[entry.key] = entry
+            self._nbytes += entry.nbytes
 
     def get(self, key: bytes) -> TierEntry | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
 
     def clear(self) -> None:
-        self._entries.clear()
-        self._nbytes = 0
+        with self._lock:
+            self._entries.clear()
+            self._nbytes = 0
 
 
 def encode_entry(entry: TierEntry) -> bytes:
@@ -151,7 +157,6 @@ class RedisTier:
         self._down_until = 0.0
         self._lock = threading.Lock()
         self.errors = 0
-        self.last_error: str | None = None
 
     @staticmethod
     def redis_key(namespace: bytes, key: bytes) -> str:
@@ -164,7 +169,6 @@ class RedisTier:
     def _failed(self, exc: Exception) -> None:
         with self._lock:
             self.errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
             self._down_until = time.monotonic() + self.retry_after
 
     def put_many(self, namespace: bytes, entries: list[TierEntry]) -> bool:
@@ -191,3 +195,61 @@ class RedisTier:
             self._failed(exc)
             return [None] * len(keys)
         return [None if v is None else decode_entry(v, k, shapes) for k, v in zip(keys, values)]
+
+
+class Tiers:
+    """The tiers below the device pool and how blocks move between them.
+
+    - :meth:`spill`: a block the device pool evicts goes to the host tier;
+    - :meth:`find`: a device match that stops short continues in the host tier, then in Redis;
+    - :meth:`write_through`: committed blocks go to Redis for other processes.
+
+    Every entry found is verified (key, parent's key, token ids), so a hit is exactly as safe as a
+    device hit. ``host_hits`` / ``remote_hits`` count blocks the pool took from each tier.
+    """
+
+    def __init__(self, host: HostTier | None, remote: RedisTier | None):
+        self.host = host
+        self.remote = remote
+        self.host_hits = 0
+        self.remote_hits = 0
+
+    def spill(self, entry: TierEntry) -> None:
+        if self.host is not None:
+            self.host.put(entry)
+
+    def find(
+        self, chain: Chain, start: int, namespace: bytes, shapes: list[tuple[list[int], torch.dtype]]
+    ) -> list[tuple[TierEntry, str]]:
+        """Entries continuing ``chain`` at block ``start`` (verified), each with its tier's name."""
+        found: list[tuple[TierEntry, str]] = []
+        parent = chain[start - 1][0] if start else None
+        j = start
+        if self.host is not None:
+            while j < len(chain):
+                e = self.host.get(chain[j][0])
+                if e is None or e.tokens != chain[j][1] or e.parent != parent:
+                    break
+                found.append((e, "host"))
+                parent, j = e.key, j + 1
+        if self.remote is not None and j < len(chain):
+            keys = [key for key, _ in chain[j:]]
+            for e, (key, tokens) in zip(self.remote.get_many(namespace, keys, shapes), chain[j:]):
+                if e is None or e.tokens != tokens or e.parent != parent:
+                    break
+                found.append((e, "remote"))
+                parent = key
+        return found
+
+    def count_hits(self, tiers: list[str]) -> None:
+        self.host_hits += tiers.count("host")
+        self.remote_hits += tiers.count("remote")
+
+    def write_through(self, namespace: bytes, entries: list[TierEntry]) -> None:
+        if self.remote is not None and entries:
+            self.remote.put_many(namespace, entries)
+
+    def clear(self) -> None:
+        self.host_hits = self.remote_hits = 0
+        if self.host is not None:
+            self.host.clear()

@@ -6,19 +6,19 @@ Layers are grouped by (device, dtype, kv_heads, head_dim); each group owns one t
 
 so that every layer's storage lives on that layer's own device and dtype (models dispatched with
 accelerate's ``device_map`` included) and one block id indexes every group. What a block *means*
-is kept by ``block_manager.py``; this module only moves bytes (``paged_copy.py`` and the Triton
-kernels).
+is kept by ``block_manager.py``; this module only moves bytes (``paging.py``: the torch path and
+the dispatch to the Triton kernels).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from . import paged_copy
+from . import paging
 
-__all__ = ["LayerSpec", "BlockStore"]
+__all__ = ["LayerSpec", "BlockStore", "GatherPlan"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,30 @@ class LayerSpec:
 
 
 @dataclass
+class GatherPlan:
+    """The copies of one gather: entry ``i`` puts the first ``ntok[i]`` tokens of block
+    ``block_ids[i]`` at row ``rows[i]``, columns ``cols[i] ...`` of the result."""
+
+    block_ids: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    cols: list[int] = field(default_factory=list)
+    ntok: list[int] = field(default_factory=list)
+
+    def add(self, block_id: int, row: int, col: int, ntok: int) -> None:
+        self.block_ids.append(block_id)
+        self.rows.append(row)
+        self.cols.append(col)
+        self.ntok.append(ntok)
+
+    def index(self, device: torch.device) -> list[torch.Tensor]:
+        """The four int64 index tensors the copy functions take."""
+        return [
+            torch.tensor(x, dtype=torch.int64, device=device)
+            for x in (self.block_ids, self.rows, self.cols, self.ntok)
+        ]
+
+
+@dataclass
 class _Group:
     spec: LayerSpec
     layers: list[int]
@@ -56,7 +80,6 @@ class BlockStore:
 
     def __init__(self, specs: list[LayerSpec], block_size: int, num_blocks: int, backend: str):
         self.specs = list(specs)
-        self.block_size = block_size
         self.num_blocks = num_blocks
         self.backend = backend
         # indices come from the pool's bookkeeping: skip the kernels' range check (a device sync)
@@ -87,27 +110,15 @@ class BlockStore:
         return sum(g.data.numel() * g.data.element_size() for g in self.groups)
 
     def gather(
-        self,
-        block_ids: list[int],
-        rows: list[int],
-        dst_cols: list[int],
-        ntok: list[int],
-        batch: int,
-        cols: int,
-        full: bool = False,
-        room: list[int] | None = None,
+        self, plan: GatherPlan, batch: int, cols: int, full: bool = False, room: list[int] | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer ``(k, v)``, each ``[batch, H, cols, D]``: entry ``i`` puts the first ``ntok[i]``
-        tokens of block ``block_ids[i]`` at row ``rows[i]``, columns ``dst_cols[i]...``; all other
-        columns are zero. ``full=True`` promises the entries cover every column (no zero fill).
+        """Per-layer ``(k, v)``, each ``[batch, H, cols, D]``, filled as ``plan`` says; all other
+        columns are zero. ``full=True`` promises the plan covers every column (no zero fill).
         ``room``: per layer, columns to allocate (>= ``cols``; a group gets the least of its layers');
         the result then has that many columns, of which the first ``cols`` are filled."""
         result: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(self.specs)  # type: ignore[list-item]
         for group in self.groups:
             dev = group.data.device
-            index = [
-                torch.tensor(x, dtype=torch.int64, device=dev) for x in (block_ids, rows, dst_cols, ntok)
-            ]
             spec = group.spec
             # out: [n_layers, 2, B, H, width, D]
             width = max(cols, min(room[i] for i in group.layers)) if room else cols
@@ -117,7 +128,7 @@ class BlockStore:
                 dtype=spec.dtype,
                 device=dev,
             )
-            paged_copy.gather(self.backend, group.data, *index, out, **self._trusted)
+            paging.gather(self.backend, group.data, *plan.index(dev), out, **self._trusted)
             for i, layer in enumerate(group.layers):
                 result[layer] = (out[i, 0], out[i, 1])
         return result
@@ -134,7 +145,7 @@ class BlockStore:
         for group in self.groups:
             dev = group.data.device
             index = [torch.tensor(x, dtype=torch.int64, device=dev) for x in (block_ids, rows, src_cols)]
-            paged_copy.scatter(
+            paging.scatter(
                 self.backend, group.data, [layer_kv[i] for i in group.layers], *index, **self._trusted
             )
 
