@@ -28,8 +28,9 @@ def encode(ns: int, token: torch.Tensor, pos: torch.Tensor, layer: int, kv: int,
     return ((base + h) * 8 + d + 1).to(torch.float32)  # >= 1: never mistaken for a zero pad column
 
 
-def batch_kv(ns: int, rows: list[list[int]], pads: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer ``(k, v)``, each ``[B, H, S, D]``: row ``b`` is ``pads[b]`` pad columns, then its tokens."""
+def batch_kv(ns: int, rows: list[list[int]], pads: list[int]) -> list[torch.Tensor]:
+    """The streams a pool commits: per layer K then V, each ``[B, H, S, D]``; row ``b`` is ``pads[b]``
+    pad columns, then its tokens."""
     cols = max(p + len(r) for p, r in zip(pads, rows))
     out = []
     for layer, (heads, dim) in enumerate(LAYERS):
@@ -42,7 +43,7 @@ def batch_kv(ns: int, rows: list[list[int]], pads: list[int]) -> list[tuple[torc
                     vals = encode(ns, tok, torch.arange(len(row)), layer, kv, heads, dim)  # [n, H, D]
                     t[b, :, pad : pad + len(row)] = vals.transpose(0, 1)
             pair.append(t)
-        out.append((pair[0], pair[1]))
+        out.extend(pair)
     return out
 
 
@@ -58,7 +59,7 @@ def check_fetched(fetched, ns_of_row: list[int], rows: list[list[int]], pads: li
     """Column ``c`` of row ``b`` holds token ``c - pads[b]`` of that row at that position; pads are zero."""
     for layer, (heads, dim) in enumerate(LAYERS):
         for kv in (0, 1):
-            got = fetched.layer_kv[layer][kv]
+            got = fetched.streams[2 * layer + kv]
             assert got.shape == (len(rows), heads, fetched.columns, dim)
             for b, (row, pad) in enumerate(zip(rows, pads)):
                 n = max(0, fetched.columns - pad)

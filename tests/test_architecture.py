@@ -119,9 +119,9 @@ def test_the_pool_runs_with_transformers_unimportable(tmp_path):
         pool = KVPool(block_size=4, capacity_bytes=1 << 20)
         k = torch.randn(1, 2, 8, 16)
         chain = block_hashes(list(range(8)), 4, b"ns")
-        assert pool.commit(chain, 0, [(k, k)], 0, 0) == 2
+        assert pool.commit(chain, 0, [k, k], 0, 0) == 2
         fetched = pool.fetch([chain], [0], 8, 7)
-        assert fetched.columns == 7 and torch.equal(fetched.layer_kv[0][0][:, :, :7], k[:, :, :7])
+        assert fetched.columns == 7 and torch.equal(fetched.streams[0][:, :, :7], k[:, :, :7])
         assert "transformers" not in sys.modules
         print("ok")
     """

@@ -75,7 +75,7 @@ def test_capacity_smaller_than_one_block_at_the_pool():
         r"for this model; raise capacity_bytes or lower block_size",
     ):
         pool.commit(kv_chain(0, tokens, 2), 0, batch_kv(0, [tokens], [0]), 0, 0)
-    assert pool._manager is None and pool._store is None  # nothing half-built
+    assert pool._device is None  # nothing half-built
 
 
 def test_capacity_smaller_than_one_block_through_generate(model, monkeypatch):
@@ -92,7 +92,7 @@ def test_capacity_of_one_block_works(model):
     pooled(model, prompt(12, 1), pool)
     _, cache = pooled(model, prompt(12, 1), pool)
     assert pool.stats().capacity_blocks == 1 and cache.reused_tokens == [4]  # the one block it holds
-    pool._manager.check()
+    pool._device.manager.check()
 
 
 @pytest.mark.parametrize("salt", [5, 1.0, ["a"], object()])
@@ -137,7 +137,7 @@ def test_pool_of_another_dtype_is_refused(model):
         generate(half, ids, PooledCache(half, pool=pool))
     assert isinstance(LayoutMismatchError("x"), ValueError)
     assert pool.stats().stored_blocks == stored
-    pool._manager.check()
+    pool._device.manager.check()
     _, cache = pooled(model, ids, pool)  # the fp32 model still reuses its blocks
     assert cache.reused_tokens == [19]
     # and the advice works: the bf16 model with its own pool
@@ -154,7 +154,7 @@ def test_model_cast_in_place_after_filling_its_pool(model):
     model.to(torch.bfloat16)
     with pytest.raises(LayoutMismatchError, match="Give this model its own pool"):
         generate(model, ids, PooledCache(model))
-    assert all(b.pins == 0 for b in pool._manager.blocks())
+    assert all(b.pins == 0 for b in pool._device.manager.blocks())
 
 
 @pytest.mark.parametrize("bad", [-1, 128, 10**6])

@@ -29,7 +29,7 @@ from kv_encoding import chain as kv_chain
 from tiny_models import build, prompt
 
 from hf_kvpool import KVPool, PooledCache
-from hf_kvpool.core.block_store import BlockStore, LayerSpec
+from hf_kvpool.core.block_store import BlockStore, StreamSpec
 
 SOAK = os.environ.get("HF_KVPOOL_SOAK") == "1"
 THREADS = 8
@@ -37,7 +37,7 @@ CALLS = 6  # generate() calls per thread in CI
 TOTALS: Counter = Counter()  # what the tests exercised (read by the report)
 BS = 4
 # one block of the tiny Llama: 2 layers of 2 kv heads x 16 dims, float32
-BLOCK_BYTES = BlockStore.block_bytes([LayerSpec(torch.device("cpu"), torch.float32, 2, 16)] * 2, BS)
+BLOCK_BYTES = BlockStore.block_bytes([StreamSpec(torch.device("cpu"), torch.float32, 2, 16)] * 4, BS)
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +152,8 @@ def concurrent_generate(
     assert stats.hit_tokens == hit and stats.hit_tokens + stats.miss_tokens == stats.query_tokens
     assert stats.stored_blocks <= stats.capacity_blocks
     assert stats.committed_blocks - stats.evicted_blocks == stats.stored_blocks
-    pool._manager.check()
-    assert all(b.pins == 0 for b in pool._manager.blocks()) and not pool._manager._reserved
+    pool._device.manager.check()
+    assert all(b.pins == 0 for b in pool._device.manager.blocks()) and not pool._device.manager._reserved
     if capacity_blocks is not None:
         assert stats.capacity_blocks == capacity_blocks
     TOTALS["generate_calls"] += calls
@@ -227,8 +227,8 @@ def hammer_pool(ops_per_thread: int, capacity: int, block_size: int = 2) -> dict
     assert stats.lookups == total["fetches"] and stats.hit_tokens == total["hit_tokens"]
     assert stats.stored_blocks <= capacity
     assert stats.committed_blocks - stats.evicted_blocks == stats.stored_blocks
-    pool._manager.check()
-    assert all(b.pins == 0 for b in pool._manager.blocks()) and not pool._manager._reserved
+    pool._device.manager.check()
+    assert all(b.pins == 0 for b in pool._device.manager.blocks()) and not pool._device.manager._reserved
     TOTALS["pool_ops"] += THREADS * ops_per_thread
     TOTALS["pool_fetches"] += total["fetches"]
     return total

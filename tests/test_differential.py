@@ -171,7 +171,7 @@ def run_case(case: int) -> None:
         else:
             for r, seq in enumerate(out.sequences.tolist()):
                 seen_all[salt].append(seq[pads[r // expand] : -1])
-        m = pool._manager
+        m = pool._device.manager
         if m is not None:
             m.check()
             assert all(b.pins == 0 for b in m.blocks()) and not m._reserved

@@ -71,12 +71,12 @@ class Fault:
 
 
 def _nan_free(pool: KVPool) -> bool:
-    ids = [b.block_id for b in pool._manager.blocks()]
-    return not ids or not any(torch.isnan(g.data[ids]).any() for g in pool._store.groups)
+    ids = [b.block_id for b in pool._device.manager.blocks()]
+    return not ids or not any(torch.isnan(g.data[ids]).any() for g in pool._device.store.groups)
 
 
 def assert_consistent(pool: KVPool) -> None:
-    m = pool._manager
+    m = pool._device.manager
     if m is None:
         return
     m.check()
@@ -195,7 +195,7 @@ def test_fault_allocating_the_pool(model, monkeypatch, exc):
 
     monkeypatch.setattr(BlockStore, "__init__", init)
     run_faulty_call(model, pool, first, exc)
-    assert fault.fired and pool._store is None and pool._manager is None
+    assert fault.fired and pool._device is None
     assert pool.stats().stored_blocks == 0
     monkeypatch.undo()
     pooled(model, first, pool)
@@ -283,7 +283,7 @@ def test_keyboard_interrupt_during_lookup_leaks_no_pins(model, monkeypatch):
     pool = KVPool(block_size=BS)
     first, _ = _prompts()
     pooled(model, first, pool)
-    manager = pool._manager
+    manager = pool._device.manager
     real_match = manager.match
     fault = Fault("KeyboardInterrupt", at=2)
 

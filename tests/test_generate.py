@@ -142,7 +142,7 @@ def test_tiny_pool_evicts_every_call(model):
         evicted.append(stats.evicted_blocks)
         ids = torch.cat([prompt(6, 200 + turn), out.sequences], dim=1)  # new prefix each turn
     assert evicted == sorted(evicted) and evicted[-1] > evicted[1] > 0
-    pool._manager.check()
+    pool._device.manager.check()
 
 
 def test_cache_and_past_key_values_keywords(model, pool):

@@ -196,18 +196,38 @@ def test_deepcopy_shares_the_pool(model):
     assert twin.layers[0].keys is not cache.layers[0].keys
 
 
-def test_unsupported_model_falls_back_with_one_warning():
+def test_unsupported_layer_kind_falls_back_with_one_warning(monkeypatch):
+    import hf_kvpool.hf.kinds.base as kinds_base
+
+    monkeypatch.setattr(kinds_base, "_BY_CLASS", {})  # no kind known: every layer is unsupported
+    model = build("llama", "sdpa", seed=3)
+    ids = prompt(12, 14)
+    ref = reference(model, ids)
+    hf_kvpool.enable(model)
+    with pytest.warns(UserWarning, match="cannot reuse K/V: its cache layer 0 is a DynamicLayer"):
+        out = generate(model, ids, PooledCache())
+    assert_same(ref, out)
+
+
+def test_mamba1_model_reuses_one_token_at_a_time(monkeypatch):
+    """Falcon-Mamba's torch scan ignores a stored state: after a restore it goes one token per
+    forward, which pays only when few tokens are left (the cost model); both ways match DynamicCache."""
     from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
+    import hf_kvpool.hf.call as call_module
+
     config = FalconMambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4)
-    model = FalconMambaForCausalLM(config).eval()
-    ids = prompt(12, 14)
     torch.manual_seed(0)
-    ref = model.generate(ids, max_new_tokens=4, do_sample=False)
-    hf_kvpool.enable(model)
-    with pytest.warns(UserWarning, match="cannot reuse K/V"):
-        out = model.generate(ids, cache=PooledCache(), max_new_tokens=4, do_sample=False)
-    assert torch.equal(out, ref)
+    model = FalconMambaForCausalLM(config).eval()
+    pool = KVPool(block_size=BS)
+    ids = prompt(22, 14)
+    out, _ = pooled(model, ids, pool, max_new_tokens=6)
+    ext = torch.cat([out.sequences, prompt(3, 15)], dim=1)  # 31 tokens; the last call reached 26
+    _, cache = pooled(model, ext, pool)
+    assert cache.reused_tokens == [0]  # 6 one-token forwards cost more than recomputing 24 tokens
+    monkeypatch.setattr(call_module, "FORWARD_COST_TOKENS", 1)  # a device where forwards are cheap
+    _, cache = pooled(model, ext, pool)
+    assert cache.reused_tokens == [24]  # the checkpoint at the last block boundary it decoded past
 
 
 @pytest.mark.parametrize("offload", ["cpu_offload", "disk"])

@@ -40,13 +40,13 @@ def test_same_tokens_under_two_salts_are_distinct_blocks():
         written = pool.commit(kv_chain(ns, tokens, 2), 0, batch_kv(ns, [tokens], [0]), 0, 0)
         assert written == 4
     assert pool.stats().stored_blocks == 8
-    ids = [pool._manager.match(kv_chain(ns, tokens, 2), pin=False) for ns in (0, 1)]
+    ids = [pool._device.manager.match(kv_chain(ns, tokens, 2), pin=False) for ns in (0, 1)]
     assert len(ids[0]) == len(ids[1]) == 4 and not set(ids[0]) & set(ids[1])
     for ns in (0, 1):
         fetched = pool.fetch([kv_chain(ns, tokens, 2)], [0], len(tokens), len(tokens) - 1)
         assert fetched.columns == 7
         check_fetched(fetched, [ns], [tokens], [0])
-    pool._manager.check()
+    pool._device.manager.check()
 
 
 def test_salt_namespaces_differ_for_every_salt_and_model():
@@ -78,7 +78,7 @@ def test_salt_partial_overlap_shares_nothing(model):
     assert cache.reused_tokens == [16]
     _, cache = pooled(model, ext, cache=PooledCache(model, pool=pool, salt="bob"))
     assert cache.reused_tokens == [23]
-    pool._manager.check()
+    pool._device.manager.check()
 
 
 def test_empty_salt_is_not_the_unsalted_namespace(model):

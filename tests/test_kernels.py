@@ -119,6 +119,28 @@ def test_scatter_matches_reference(dtype, bs, head_dim, heads):
     assert torch.equal(bits(got), bits(want))
 
 
+@pytest.mark.parametrize("fields", [1, 3])
+def test_other_field_counts_match_reference(fields):
+    """The pool stores one field per slot (each stream its own "layer"); any count works."""
+    gen = torch.Generator().manual_seed(fields)
+    n_layers, n_blocks, bs, heads, dim = 3, 23, 8, 2, 32
+    storage = rand((n_blocks, n_layers, fields, heads, bs, dim), torch.bfloat16, gen)
+    plan = gather_plan(gen, n_blocks, bs, batch=2, blocks_per_row=2)
+    out_shape = (n_layers, fields, 2, heads, 2 * bs, dim)
+    want = ref_gather(storage, *plan, torch.zeros(out_shape, dtype=torch.bfloat16, device=DEVICE))
+    got = paged_gather(storage, *plan, torch.zeros(out_shape, dtype=torch.bfloat16, device=DEVICE))
+    assert torch.equal(bits(got), bits(want))
+    srcs = [
+        tuple(rand((2, 2 * bs, heads, dim), torch.bfloat16, gen).transpose(1, 2) for _ in range(fields))
+        for _ in range(n_layers)
+    ]
+    block_ids, rows, src_cols = idx([4, 9]), idx([0, 1]), idx([0, 3])
+    want, got = storage.clone(), storage.clone()
+    torch_scatter(want, srcs, block_ids, rows, src_cols)
+    paged_scatter(got, srcs, block_ids, rows, src_cols)
+    assert torch.equal(bits(got), bits(want))
+
+
 def test_gather_strided_storage_and_out():
     """Storage a layer slice of a bigger pool, out a permuted allocation: both non-contiguous."""
     gen = torch.Generator().manual_seed(1)

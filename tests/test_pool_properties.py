@@ -76,7 +76,7 @@ def run_ops(pool: KVPool, ops) -> dict:
                         assert 0 <= written <= len(c)
                         seen["commits"] += 1
         else:
-            m = pool._manager
+            m = pool._device.manager if pool._device is not None else None
             matched = [len(m._walk(c)) for c in chains] if m is not None else [0] * len(rows)
             length = pads[0] + len(rows[0])
             max_columns = length - 1 - trim
@@ -84,15 +84,15 @@ def run_ops(pool: KVPool, ops) -> dict:
             seen["fetches"] += 1
             want = min(min(p + k * bs for p, k in zip(pads, matched)), max_columns)
             if m is None or want <= 0 or all(want <= p for p in pads):
-                assert fetched.columns == 0 and fetched.layer_kv is None
+                assert fetched.columns == 0 and fetched.streams is None
             else:
                 assert fetched.columns == want
                 check_fetched(fetched, ns, rows, pads)
                 seen["hit_tokens"] += sum(max(0, want - p) for p in pads)
-                seen["checked_values"] += sum(k.numel() + v.numel() for k, v in fetched.layer_kv)
-        if pool._manager is not None:
-            pool._manager.check()
-            assert all(blk.pins == 0 for blk in pool._manager.blocks())
+                seen["checked_values"] += sum(t.numel() for t in fetched.streams)
+        if pool._device is not None:
+            pool._device.manager.check()
+            assert all(blk.pins == 0 for blk in pool._device.manager.blocks())
             stats = pool.stats()
             assert stats.stored_blocks <= stats.capacity_blocks
             assert stats.committed_blocks - stats.evicted_blocks == stats.stored_blocks
@@ -104,7 +104,7 @@ def run_ops(pool: KVPool, ops) -> dict:
 def test_hit_returns_exactly_the_kv_of_those_tokens(block_size, capacity, ops):
     pool = KVPool(block_size=block_size, capacity_bytes=capacity * block_bytes(block_size), backend="torch")
     run_ops(pool, ops)
-    if pool._manager is not None:
+    if pool._device is not None:
         assert pool.stats().capacity_blocks == capacity
 
 

@@ -45,7 +45,7 @@ def test_host_tier_serves_what_the_device_evicted(model):
     assert _three_calls(model, pool) == unbounded and unbounded[0] >= 24
     stats = pool.stats()
     assert stats.evicted_blocks > 0 and stats.host_hit_blocks > 0
-    pool._manager.check()
+    pool._device.manager.check()
 
 
 def test_without_host_tier_evicted_blocks_are_gone(model):
@@ -67,7 +67,7 @@ def test_snapshot_round_trip(model, tmp_path):
     assert loaded.stats().stored_blocks == saved
     _, cache = pooled(model, ids, loaded)
     assert cache.reused_tokens == [24]
-    loaded._manager.check()
+    loaded._device.manager.check()
 
 
 def test_snapshot_survives_a_process_restart(model, tmp_path):

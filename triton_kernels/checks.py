@@ -45,10 +45,10 @@ def check_index(name: str, t: torch.Tensor, n: int, device: torch.device) -> Non
 
 
 def check_storage(storage: torch.Tensor) -> None:
-    if not isinstance(storage, torch.Tensor) or storage.dim() != 6 or storage.shape[2] != 2:
+    if not isinstance(storage, torch.Tensor) or storage.dim() != 6 or storage.shape[2] < 1:
         shape = tuple(storage.shape) if isinstance(storage, torch.Tensor) else type(storage).__name__
         raise ValueError(
-            f"storage must be [num_blocks, n_layers, 2, kv_heads, block_size, head_dim], got {shape}"
+            f"storage must be [num_blocks, n_layers, fields, kv_heads, block_size, head_dim], got {shape}"
         )
     if storage.dtype not in _supported_dtypes():
         raise ValueError(f"storage dtype {storage.dtype} is not supported; use one of {_supported_dtypes()}")

@@ -3,7 +3,7 @@
 Same semantics and arguments as the torch reference (``hf_kvpool.core.paging.torch_gather`` /
 ``torch_scatter``), which these kernels are tested against bit for bit. Storage layout::
 
-    storage: [num_blocks, n_layers, 2, kv_heads, block_size, head_dim]   (2 = K, V)
+    storage: [num_blocks, n_layers, P, kv_heads, block_size, head_dim]   (P fields per layer: 2 = K, V)
 
 Both kernels only move bytes: every tensor is reinterpreted as the integer dtype of the same width
 (fp8 -> int8, bf16/fp16 -> int16, fp32 -> int32), so no float arithmetic ever touches the values.
@@ -15,7 +15,7 @@ heads) tile ``[BLOCK_H, BLOCK_T, BLOCK_D]`` (about 16 KiB), looping over token c
 not powers of two) does not stop 128-bit loads and stores.
 
 Layers: the gather reads one storage tensor that holds every layer, so one launch covers all
-layers and both K and V (grid axis 1 = ``layer * 2 + kv``). The scatter reads ``L`` pairs of
+layers and fields (grid axis 1 = ``layer * P + field``). The scatter reads ``L`` pairs of
 separate tensors: those that share strides (the usual case) are addressed from the first one's
 base pointer plus an int64 element offset per tensor, computed on the host from ``data_ptr()``
 (plain pointer arithmetic: no pointer is loaded from memory, which the interpreter cannot do), so
@@ -60,12 +60,13 @@ def _tiles(n_heads: int, block_size: int, head_dim: int, elem_size: int) -> tupl
 
 @triton.jit
 def _paged_gather_kernel(
-    storage_ptr,  # [N, L, 2, H, bs, D] pool, integer view
-    out_ptr,  # [L, 2, B, H, T, D] destination, integer view of the same width
+    storage_ptr,  # [N, L, P, H, bs, D] pool, integer view
+    out_ptr,  # [L, P, B, H, T, D] destination, integer view of the same width
     block_ids_ptr,  # int64 [n]: pool block of each entry
     rows_ptr,  # int64 [n]: batch row of each entry in out
     dst_cols_ptr,  # int64 [n]: first token column in out of each entry
     ntok_ptr,  # int64 [n]: tokens to copy from each block (1 <= ntok <= bs)
+    n_fields,  # P
     n_heads,  # H
     s_n,  # storage stride of N, in elements
     s_l,  # storage stride of L, in elements
@@ -85,9 +86,9 @@ def _paged_gather_kernel(
     BLOCK_D: tl.constexpr,  # next power of two >= D
 ):
     entry = tl.program_id(0)
-    slot = tl.program_id(1).to(tl.int64)  # layer * 2 + kv
-    layer = slot // 2
-    kv = slot % 2
+    slot = tl.program_id(1).to(tl.int64)  # layer * P + field
+    layer = slot // n_fields
+    kv = slot % n_fields
     h = tl.program_id(2).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H).to(tl.int64)
     t = tl.arange(0, BLOCK_T).to(tl.int64)
     d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -126,9 +127,9 @@ def paged_gather(
         out[:, :, rows[i], :, dst_cols[i] + t, :] = storage[block_ids[i], :, :, :, t, :]
 
     Args:
-        storage: ``[N, L, 2, H, bs, D]``, fp32 / fp16 / bf16 / fp8, CUDA (or CPU under the interpreter).
+        storage: ``[N, L, P, H, bs, D]``, fp32 / fp16 / bf16 / fp8, CUDA (or CPU under the interpreter).
         block_ids, rows, dst_cols, ntok: int64 ``[n]`` on ``storage.device``; ``1 <= ntok <= bs``.
-        out: ``[L, 2, B, H, T, D]``, any non-zero strides, same dtype/device as ``storage``; columns
+        out: ``[L, P, B, H, T, D]``, any non-zero strides, same dtype/device as ``storage``; columns
             not written keep their value.
         validate: check index ranges first (one device sync); an out-of-range index would otherwise
             read or write outside the tensors.
@@ -141,13 +142,13 @@ def paged_gather(
     n = block_ids.numel() if isinstance(block_ids, torch.Tensor) else -1
     for name, idx in (("block_ids", block_ids), ("rows", rows), ("dst_cols", dst_cols), ("ntok", ntok)):
         check_index(name, idx, n, storage.device)
-    N, L, _, H, bs, D = storage.shape
+    N, L, P, H, bs, D = storage.shape
     if not isinstance(out, torch.Tensor) or out.dim() != 6:
-        raise ValueError(f"out must be [L, 2, B, H, T, D], got {getattr(out, 'shape', type(out).__name__)}")
-    if (out.shape[0], out.shape[1], out.shape[3], out.shape[5]) != (L, 2, H, D):
+        raise ValueError(f"out must be [L, P, B, H, T, D], got {getattr(out, 'shape', type(out).__name__)}")
+    if (out.shape[0], out.shape[1], out.shape[3], out.shape[5]) != (L, P, H, D):
         raise ValueError(
             f"out shape {tuple(out.shape)} does not match storage {tuple(storage.shape)}: "
-            f"expected [{L}, 2, B, {H}, T, {D}]"
+            f"expected [{L}, {P}, B, {H}, T, {D}]"
         )
     if out.dtype != storage.dtype:
         raise ValueError(f"out dtype {out.dtype} differs from storage dtype {storage.dtype}")
@@ -176,9 +177,9 @@ def paged_gather(
 
     src, dst = _as_int(storage), _as_int(out)
     block_h, block_t, block_d = _tiles(H, bs, D, storage.element_size())
-    grid = (n, L * 2, triton.cdiv(H, block_h))
+    grid = (n, L * P, triton.cdiv(H, block_h))
     kernel[grid](
-        src, dst, block_ids, rows, dst_cols, ntok, H,
+        src, dst, block_ids, rows, dst_cols, ntok, P, H,
         *src.stride(), *dst.stride(),
         BLOCK_H=block_h, BLOCK_T=block_t, HEAD_DIM=D, BLOCK_D=block_d,
     )  # fmt: skip
@@ -190,13 +191,14 @@ def paged_gather(
 
 @triton.jit
 def _paged_scatter_kernel(
-    storage_ptr,  # [N, L, 2, H, bs, D] pool, integer view
+    storage_ptr,  # [N, L, P, H, bs, D] pool, integer view
     src_ptr,  # base of the first source tensor; every source is src_ptr + src_offs[j]
     src_offs_ptr,  # int64 [M]: element offset of source j's base from src_ptr (may be negative)
-    slots_ptr,  # int64 [M]: storage slot (layer * 2 + kv) that source j is written to
+    slots_ptr,  # int64 [M]: storage slot (layer * P + field) that source j is written to
     block_ids_ptr,  # int64 [n]: pool block of each entry
     rows_ptr,  # int64 [n]: batch row of each entry in the sources
     src_cols_ptr,  # int64 [n]: first token column of each entry in the sources
+    n_fields,  # P
     n_heads,  # H
     block_size,  # bs: tokens per block (all are copied)
     s_n,  # storage stride of N, in elements
@@ -222,8 +224,8 @@ def _paged_scatter_kernel(
     d = tl.arange(0, BLOCK_D).to(tl.int64)
 
     slot = tl.load(slots_ptr + j)  # int64
-    layer = slot // 2
-    kv = slot % 2
+    layer = slot // n_fields
+    kv = slot % n_fields
     src_off = tl.multiple_of(tl.load(src_offs_ptr + j), SRC_ALIGN)
     block = tl.load(block_ids_ptr + entry)
     row = tl.load(rows_ptr + entry)
@@ -275,7 +277,7 @@ def _alignment(offsets: list[int], elem_size: int) -> int:
 
 def paged_scatter(
     storage: torch.Tensor,
-    srcs: list[tuple[torch.Tensor, torch.Tensor]],
+    srcs: list[tuple[torch.Tensor, ...]],
     block_ids: torch.Tensor,
     rows: torch.Tensor,
     src_cols: torch.Tensor,
@@ -284,14 +286,13 @@ def paged_scatter(
 ) -> None:
     """Copy full blocks of tokens from per-layer K/V into storage (Triton; semantics of ``torch_scatter``).
 
-    For every entry ``i`` and layer ``l``::
+    For every entry ``i``, layer ``l`` and field ``p``::
 
-        storage[block_ids[i], l, 0] = srcs[l][0][rows[i], :, src_cols[i] : src_cols[i] + bs, :]
-        storage[block_ids[i], l, 1] = srcs[l][1][rows[i], :, src_cols[i] : src_cols[i] + bs, :]
+        storage[block_ids[i], l, p] = srcs[l][p][rows[i], :, src_cols[i] : src_cols[i] + bs, :]
 
     Args:
-        storage: ``[N, L, 2, H, bs, D]``, fp32 / fp16 / bf16 / fp8, CUDA (or CPU under the interpreter).
-        srcs: ``L`` pairs ``(k, v)``, each ``[B, H, S, D]`` (same shape for all) with any strides,
+        storage: ``[N, L, P, H, bs, D]``, fp32 / fp16 / bf16 / fp8, CUDA (or CPU under the interpreter).
+        srcs: ``L`` tuples of ``P`` tensors (e.g. ``(k, v)``), each ``[B, H, S, D]`` (same shape for all) with any strides,
             dtype and device of ``storage``. All sources with equal strides go in one launch; each
             further stride pattern costs one more launch.
         block_ids, rows, src_cols: int64 ``[n]`` on ``storage.device``. ``block_ids`` should be
@@ -304,14 +305,15 @@ def paged_scatter(
     n = block_ids.numel() if isinstance(block_ids, torch.Tensor) else -1
     for name, idx in (("block_ids", block_ids), ("rows", rows), ("src_cols", src_cols)):
         check_index(name, idx, n, storage.device)
-    N, L, _, H, bs, D = storage.shape
+    N, L, P, H, bs, D = storage.shape
     if len(srcs) != L:
-        raise ValueError(f"srcs has {len(srcs)} layers but storage holds {L}; pass one (k, v) pair per layer")
+        raise ValueError(f"srcs has {len(srcs)} layers but storage holds {L}; pass one tuple per layer")
     sources: list[tuple[int, torch.Tensor]] = []
     shape0 = None
     for layer, pair in enumerate(srcs):
-        if len(pair) != 2:
-            raise ValueError(f"srcs[{layer}] must be a (k, v) pair, got {len(pair)} tensors")
+        if len(pair) != P:
+            what = "a (k, v) pair" if P == 2 else f"a tuple of {P} tensors (one per field)"
+            raise ValueError(f"srcs[{layer}] must be {what}, got {len(pair)} tensors")
         for kv, t in enumerate(pair):
             name = f"srcs[{layer}][{kv}]"
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -325,7 +327,7 @@ def paged_scatter(
                 raise ValueError(f"{name} dtype {t.dtype} differs from storage dtype {storage.dtype}")
             if t.device != storage.device:
                 raise ValueError(f"{name} is on {t.device} but storage is on {storage.device}")
-            sources.append((layer * 2 + kv, _as_int(t)))
+            sources.append((layer * P + kv, _as_int(t)))
     if n == 0:
         return
     B, S = shape0[0], shape0[2]
@@ -350,7 +352,7 @@ def paged_scatter(
         slot_ids = torch.tensor(slots, dtype=torch.int64).to(storage.device, non_blocking=True)
         grid = (n, len(slots), triton.cdiv(H, block_h))
         kernel[grid](
-            dst, base, src_offs, slot_ids, block_ids, rows, src_cols, H, bs,
+            dst, base, src_offs, slot_ids, block_ids, rows, src_cols, P, H, bs,
             *dst.stride(), *base.stride(),
             SRC_ALIGN=_alignment(offs, storage.element_size()),
             BLOCK_H=block_h, BLOCK_T=block_t, HEAD_DIM=D, BLOCK_D=block_d,

@@ -13,6 +13,12 @@ always a leaf (or pinned), and eviction is O(1) amortised.
 Writing a block is two-phase: :meth:`reserve` hands out free ids (evicting if needed),
 the caller writes K/V into them, then :meth:`publish` makes them visible, or :meth:`abort`
 returns them. A failure between the two never leaves a half-written block that a lookup can see.
+
+A published block may carry a *checkpoint*: a slot of state that holds at the end of the block
+(``num_checkpoints`` slots in all). Checkpoints have their own LRU order: when slots run out, the
+least recently used checkpoint of an unpinned block is dropped (the block stays). Evicting a block
+frees its checkpoint. Writing one is two-phase too: :meth:`reserve_checkpoint`, write,
+:meth:`attach_checkpoint` (or :meth:`release_checkpoint`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class Block:
     tokens: bytes
     children: int = 0
     pins: int = 0
+    checkpoint: int | None = None  # slot of the state at the end of this block, if one is kept
 
 
 @dataclass
@@ -50,7 +57,7 @@ class CommitPlan:
 class BlockManager:
     """Bookkeeping for ``num_blocks`` fixed-size blocks (see module docstring)."""
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, num_checkpoints: int = 0):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -61,6 +68,11 @@ class BlockManager:
         self._reserved: set[int] = set()
         self.evicted_blocks = 0
         self.published_blocks = 0
+        self.num_checkpoints = num_checkpoints
+        self.evicted_checkpoints = 0
+        self._free_slots: deque[int] = deque(range(num_checkpoints))
+        self._checkpointed: OrderedDict[int, None] = OrderedDict()  # block ids, LRU first
+        self._reserved_slots: set[int] = set()
         # called with each block about to be evicted, while its data is still in place
         self.on_evict: Callable[[Block], None] | None = None
 
@@ -224,6 +236,7 @@ class BlockManager:
         return False
 
     def _remove(self, blk: Block) -> None:
+        self._drop_checkpoint(blk)
         del self._lru[blk.block_id]
         del self._blocks[blk.block_id]
         if self._by_key.get(blk.key) is blk:
@@ -253,11 +266,72 @@ class BlockManager:
             node = self._blocks[node].parent
         return bid
 
+    # ----------------------------------------------------------------- checkpoints
+    @property
+    def num_checkpointed(self) -> int:
+        return len(self._checkpointed)
+
+    def has_checkpoint(self, block_id: int) -> bool:
+        return self._blocks[block_id].checkpoint is not None
+
+    def checkpoint_of(self, block_id: int) -> int | None:
+        """The checkpoint slot of a published block (touched: it is about to be read)."""
+        slot = self._blocks[block_id].checkpoint
+        if slot is not None:
+            self._checkpointed.move_to_end(block_id)
+        return slot
+
+    def reserve_checkpoint(self, block_id: int) -> int | None:
+        """A slot for the checkpoint of published block ``block_id``, or None (it has one already,
+        or every slot belongs to a pinned block)."""
+        if self._blocks[block_id].checkpoint is not None:
+            return None
+        if not self._free_slots:
+            for bid in self._checkpointed:
+                if self._blocks[bid].pins == 0 and bid != block_id:
+                    self._drop_checkpoint(self._blocks[bid])
+                    break
+            else:
+                return None
+        slot = self._free_slots.popleft()
+        self._reserved_slots.add(slot)
+        return slot
+
+    def attach_checkpoint(self, block_id: int, slot: int) -> None:
+        """Make a written slot the checkpoint of ``block_id`` (released instead if the block is gone)."""
+        self._reserved_slots.discard(slot)
+        blk = self._blocks.get(block_id)
+        if blk is None or blk.checkpoint is not None:
+            self._free_slots.append(slot)
+            return
+        blk.checkpoint = slot
+        self._checkpointed[block_id] = None
+
+    def release_checkpoint(self, slot: int) -> None:
+        """Return a reserved slot unwritten."""
+        if slot in self._reserved_slots:
+            self._reserved_slots.discard(slot)
+            self._free_slots.append(slot)
+
+    def drop_checkpoint(self, key: bytes) -> None:
+        """Drop the checkpoint of the block stored under ``key`` (the block stays)."""
+        blk = self._by_key.get(key)
+        if blk is not None and blk.pins == 0:
+            self._drop_checkpoint(blk)
+
+    def _drop_checkpoint(self, blk: Block) -> None:
+        if blk.checkpoint is not None:
+            self._free_slots.append(blk.checkpoint)
+            del self._checkpointed[blk.block_id]
+            blk.checkpoint = None
+            self.evicted_checkpoints += 1
+
     def clear(self) -> None:
         """Forget every published block (reserved blocks stay reserved)."""
         if any(b.pins for b in self._blocks.values()):
             raise RuntimeError("cannot clear the pool while a lookup holds blocks")
         for blk in list(self._blocks.values()):
+            self._drop_checkpoint(blk)
             self._free.append(blk.block_id)
         self._blocks.clear()
         self._by_key.clear()
@@ -279,3 +353,9 @@ class BlockManager:
             assert blk.pins >= 0
         for bid, n in children.items():
             assert self._blocks[bid].children == n
+        slots = [b.checkpoint for b in self._blocks.values() if b.checkpoint is not None]
+        assert len(slots) == len(set(slots)) == len(self._checkpointed)
+        assert len(slots) + len(self._free_slots) + len(self._reserved_slots) == self.num_checkpoints
+        assert set(self._checkpointed) == {
+            b.block_id for b in self._blocks.values() if b.checkpoint is not None
+        }

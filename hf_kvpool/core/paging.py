@@ -1,10 +1,11 @@
 """Torch reference for the two data moves of the pool: paged gather and paged scatter.
 
-Storage layout (one tensor per group of layers that share device, dtype, kv_heads and head_dim):
+Storage layout (one tensor per group of streams that share device, dtype, heads and head_dim):
 
-    storage: [num_blocks, n_layers, 2, kv_heads, block_size, head_dim]   (2 = K, V)
+    storage: [num_blocks, n_layers, P, kv_heads, block_size, head_dim]   (P fields per layer)
 
-A block's K/V for every layer of the group is one contiguous chunk. These functions are the CPU
+The pool uses P = 1, one "layer" per stream (``block_store.py``); P = 2 is a layer's K and V. A
+block of every stream of a group is one contiguous chunk. These functions are the CPU
 path and the reference the Triton kernels (``hf_kvpool.triton_kernels``, a separate package imported
 only when asked for) are tested against; ``gather`` / ``scatter`` pick the backend.
 """
@@ -44,9 +45,9 @@ def torch_gather(
         out[:, :, rows[i], :, dst_cols[i] + t, :] = storage[block_ids[i], :, :, :, t, :]
 
     Args:
-        storage: ``[N, L, 2, H, bs, D]``.
+        storage: ``[N, L, P, H, bs, D]``.
         block_ids, rows, dst_cols, ntok: int64 ``[n]`` on ``storage.device``; ``1 <= ntok <= bs``.
-        out: ``[L, 2, B, H, T, D]``, same dtype/device as ``storage``; columns not written keep
+        out: ``[L, P, B, H, T, D]``, same dtype/device as ``storage``; columns not written keep
             their value (callers pass zeros).
     Returns:
         ``out``.
@@ -66,21 +67,21 @@ def torch_gather(
 
 def torch_scatter(
     storage: torch.Tensor,
-    srcs: list[tuple[torch.Tensor, torch.Tensor]],
+    srcs: list[tuple[torch.Tensor, ...]],
     block_ids: torch.Tensor,
     rows: torch.Tensor,
     src_cols: torch.Tensor,
 ) -> None:
-    """Copy full blocks of tokens from per-layer K/V into storage.
+    """Copy full blocks of tokens from per-layer tensors into storage.
 
-    For every entry ``i`` and layer ``l``::
+    For every entry ``i``, layer ``l`` and field ``p``::
 
-        storage[block_ids[i], l, 0] = srcs[l][0][rows[i], :, src_cols[i] : src_cols[i] + bs, :]
-        storage[block_ids[i], l, 1] = srcs[l][1][rows[i], :, src_cols[i] : src_cols[i] + bs, :]
+        storage[block_ids[i], l, p] = srcs[l][p][rows[i], :, src_cols[i] : src_cols[i] + bs, :]
 
     Args:
-        storage: ``[N, L, 2, H, bs, D]``.
-        srcs: ``L`` pairs ``(k, v)``, each ``[B, H, S, D]`` with any strides, dtype of ``storage``.
+        storage: ``[N, L, P, H, bs, D]``.
+        srcs: ``L`` tuples of ``P`` tensors (e.g. ``(k, v)``), each ``[B, H, S, D]`` with any strides,
+            dtype of ``storage``.
         block_ids, rows, src_cols: int64 ``[n]`` on ``storage.device``.
     """
     if block_ids.numel() == 0:

@@ -9,18 +9,21 @@ from dataclasses import dataclass
 
 import torch
 
-from .block_store import BlockStore, LayerSpec
+from .block_store import BlockStore, CheckpointStore, StateSpec, StreamSpec
 
 __all__ = [
     "BACKENDS",
     "CPU_DEFAULT_CAPACITY_BYTES",
     "CUDA_DEFAULT_FREE_FRACTION",
+    "CHECKPOINT_SHARE",
     "PoolConfigError",
     "PoolSettings",
 ]
 
 CPU_DEFAULT_CAPACITY_BYTES = 1 << 30  # 1 GiB when the model's K/V lives in host memory
 CUDA_DEFAULT_FREE_FRACTION = 0.25  # share of the device's free memory when the pool is allocated
+CHECKPOINT_SHARE = 0.25  # share of the capacity that holds checkpoints, for models that have them
+STATELESS_BLOCKS_PER_SLOT = 64  # blocks (token bookkeeping only) per checkpoint slot when no layer has K/V
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -50,7 +53,7 @@ class PoolSettings:
         if self.backend == "triton" and not 8 <= bs <= 128:
             raise ValueError(f"the triton backend takes block_size 8-128, got {bs}")
 
-    def resolve_backend(self, specs: list[LayerSpec]) -> str:
+    def resolve_backend(self, specs: list[StreamSpec]) -> str:
         """ "torch" or "triton" for storage laid out as ``specs``."""
         if self.backend == "torch":
             return "torch"
@@ -61,30 +64,53 @@ class PoolSettings:
         on_cuda = any(s.device.type == "cuda" for s in specs)
         return "triton" if on_cuda and 8 <= self.block_size <= 128 and _has_triton() else "torch"
 
-    def num_blocks(self, specs: list[LayerSpec]) -> int:
-        """Blocks that fit: ``capacity_bytes`` if given, else a share of each device's memory."""
+    def sizes(self, specs: list[StreamSpec], states: list[StateSpec]) -> tuple[int, int]:
+        """``(blocks, checkpoint slots)`` that fit: ``capacity_bytes`` if given, else a share of each
+        device's memory. Checkpoints (when ``states`` is not empty) get ``CHECKPOINT_SHARE`` of it."""
         per_block = BlockStore.block_bytes(specs, self.block_size)
+        per_slot = CheckpointStore.slot_bytes(states)
+        if not specs:  # only checkpoints (an all-recurrent model): blocks are bookkeeping alone
+            slots = self.sizes([StreamSpec(s.device, s.dtype, 1, 1) for s in states[:1]], states)[1]
+            return max(STATELESS_BLOCKS_PER_SLOT * slots, 1024), slots
+        share = CHECKPOINT_SHARE if states else 0.0
         if self.capacity_bytes is not None:
-            n = self.capacity_bytes // per_block
-            if n < 1:
+            blocks = int(self.capacity_bytes * (1 - share)) // per_block
+            slots = int(self.capacity_bytes * share) // per_slot if states else 0
+            if blocks < 1:
                 raise PoolConfigError(
                     f"capacity_bytes={self.capacity_bytes} is smaller than one block: a block of "
                     f"{self.block_size} tokens takes {per_block} bytes for this model; raise capacity_bytes "
                     "or lower block_size"
                 )
-            return n
-        per_device: dict[torch.device, int] = {}
-        for spec in specs:
-            per_device[spec.device] = per_device.get(spec.device, 0) + spec.block_bytes(self.block_size)
-        counts = []
-        for device, nbytes in per_device.items():
-            if device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                budget = int(free * CUDA_DEFAULT_FREE_FRACTION)
-            else:
-                budget = CPU_DEFAULT_CAPACITY_BYTES
-            counts.append(budget // nbytes)
-        return max(1, min(counts))
+            if states and slots < 1:
+                raise PoolConfigError(
+                    f"capacity_bytes={self.capacity_bytes} has no room for one checkpoint of this model's "
+                    f"recurrent state ({per_slot} bytes, {CHECKPOINT_SHARE:.0%} of the capacity holds them); "
+                    "raise capacity_bytes"
+                )
+            return blocks, slots
+        budget: dict[torch.device, int] = {}
+        for spec in [*specs, *states]:
+            if spec.device not in budget:
+                if spec.device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(spec.device)
+                    budget[spec.device] = int(free * CUDA_DEFAULT_FREE_FRACTION)
+                else:
+                    budget[spec.device] = CPU_DEFAULT_CAPACITY_BYTES
+        blocks = min(
+            int(budget[d] * (1 - share))
+            // sum(s.block_bytes(self.block_size) for s in specs if s.device == d)
+            for d in {s.device for s in specs}
+        )
+        slots = (
+            min(
+                int(budget[d] * share) // sum(s.nbytes for s in states if s.device == d)
+                for d in {s.device for s in states}
+            )
+            if states
+            else 0
+        )
+        return max(1, blocks), max(1, slots) if states else 0
 
 
 def _has_triton() -> bool:

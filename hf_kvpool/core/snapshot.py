@@ -1,12 +1,14 @@
 """Pool snapshots in safetensors, no pickle: what ``pool.save(path)`` writes and ``KVPool.load`` reads.
 
-A snapshot holds the stored blocks, parents before children:
+A snapshot holds the stored blocks, parents before children, and their checkpoints:
 
-- tensors ``group{i}`` (``[n, n_layers, 2, H, bs, D]`` per storage group), ``keys`` (``uint8 [n, 16]``),
-  ``parents`` (``int64 [n]``, index of the parent in the snapshot or -1), ``tokens`` (``int64 [n, bs]``);
-- metadata: format and version, block size, hash scheme, per-layer layout, storage groups, the
-  namespaces (model fingerprint and salt) the blocks belong to, and an xxh3-128 checksum over every
-  tensor's bytes.
+- tensors ``group{i}`` (``[n, n_streams, 1, H, bs, D]`` per storage group), ``keys`` (``uint8 [n, 16]``),
+  ``parents`` (``int64 [n]``, index of the parent in the snapshot or -1), ``tokens`` (``int64 [n, bs]``),
+  ``state{j}`` (``[m, ...]`` per checkpoint tensor) and ``state_blocks`` (``int64 [m]``: the block
+  each checkpoint belongs to);
+- metadata: format and version, block size, hash scheme, per-stream layout, checkpoint layout,
+  storage groups, the namespaces (model fingerprint and salt) the blocks belong to, and an xxh3-128
+  checksum over every tensor's bytes.
 
 A save writes a temporary file beside the target and renames it (atomic on POSIX), so a crash
 mid-save leaves the previous snapshot intact. A read checks format, version, scheme and checksum and
@@ -26,14 +28,13 @@ import numpy as np
 import torch
 import xxhash
 
-from .block_manager import Block
-from .block_store import LayerSpec
+from .block_store import StateSpec, StreamSpec
 from .hashing import HASH_SCHEME
 
 __all__ = ["Snapshot", "SnapshotError", "read", "write"]
 
 FORMAT = "hf-kvpool-snapshot"
-VERSION = 1
+VERSION = 2  # 2: streams instead of (K, V) pairs, checkpoints
 
 
 class SnapshotError(ValueError):
@@ -45,13 +46,16 @@ class Snapshot:
     """What a snapshot file holds (see module docstring)."""
 
     block_size: int
-    specs: list[LayerSpec]
-    groups: list[list[int]]  # layer indices per storage group
+    specs: list[StreamSpec]
+    states: list[StateSpec]
+    groups: list[list[int]]  # stream indices per storage group
     namespaces: dict[bytes, dict]
     keys: list[bytes]
     tokens: list[bytes]
-    parents: list[int]
-    data: list[torch.Tensor]  # per storage group [n, n_layers, 2, H, bs, D]
+    parents: list[int]  # index of the parent block in this snapshot, or -1
+    data: list[torch.Tensor]  # per storage group [n, n_streams, 1, H, bs, D]
+    state_blocks: list[int]  # the blocks that carry a checkpoint
+    state_data: list[torch.Tensor]  # per checkpoint tensor [len(state_blocks), ...]
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -62,40 +66,30 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def write(
-    path: str | os.PathLike,
-    blocks: list[Block],
-    data: list[torch.Tensor],
-    *,
-    block_size: int,
-    specs: list[LayerSpec],
-    groups: list[list[int]],
-    namespaces: dict[bytes, dict],
-) -> int:
-    """Write ``blocks`` (parents before children) and their ``data`` to ``path`` atomically; returns
-    the number of blocks written."""
+def write(path: str | os.PathLike, snap: Snapshot) -> int:
+    """Write ``snap`` to ``path`` atomically; returns the number of blocks written."""
     from safetensors.torch import save_file
 
-    order = {b.block_id: i for i, b in enumerate(blocks)}
-    tensors = {f"group{i}": d for i, d in enumerate(data)}
-    tensors["keys"] = torch.tensor(
-        np.frombuffer(b"".join(b.key for b in blocks), dtype=np.uint8).reshape(-1, 16)
-    )
-    tensors["parents"] = torch.tensor(
-        [-1 if b.parent is None else order[b.parent] for b in blocks], dtype=torch.int64
-    )
-    tokens = np.frombuffer(b"".join(b.tokens for b in blocks), dtype="<i8").reshape(-1, block_size)
+    tensors = {f"group{i}": d for i, d in enumerate(snap.data)}
+    tensors["keys"] = torch.tensor(np.frombuffer(b"".join(snap.keys), dtype=np.uint8).reshape(-1, 16))
+    tensors["parents"] = torch.tensor(snap.parents, dtype=torch.int64)
+    tokens = np.frombuffer(b"".join(snap.tokens), dtype="<i8").reshape(-1, snap.block_size)
     tensors["tokens"] = torch.from_numpy(tokens.copy())
+    tensors["state_blocks"] = torch.tensor(snap.state_blocks, dtype=torch.int64)
+    tensors.update({f"state{j}": t.contiguous() for j, t in enumerate(snap.state_data)})
     metadata = {
         "format": FORMAT,
         "version": str(VERSION),
-        "block_size": str(block_size),
+        "block_size": str(snap.block_size),
         "hash_scheme": HASH_SCHEME,
         "layout": json.dumps(
-            [[str(s.device), str(s.dtype).removeprefix("torch."), s.kv_heads, s.head_dim] for s in specs]
+            [[str(s.device), _dtype_name(s.dtype), s.heads, s.dim, s.name] for s in snap.specs]
         ),
-        "groups": json.dumps(groups),
-        "namespaces": json.dumps({ns.hex(): info for ns, info in namespaces.items()}),
+        "states": json.dumps(
+            [[str(s.device), _dtype_name(s.dtype), list(s.shape), s.name] for s in snap.states]
+        ),
+        "groups": json.dumps(snap.groups),
+        "namespaces": json.dumps({ns.hex(): info for ns, info in snap.namespaces.items()}),
         "checksum": _checksum(tensors),
     }
     path = Path(path)
@@ -110,7 +104,11 @@ def write(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return len(blocks)
+    return len(snap.keys)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def read(path: str | os.PathLike, device=None) -> Snapshot:
@@ -130,8 +128,12 @@ def read(path: str | os.PathLike, device=None) -> Snapshot:
     if _checksum(tensors) != meta["checksum"]:
         raise SnapshotError(f"{path} is corrupted: its checksum does not match its data; do not use it")
     specs = [
-        LayerSpec(torch.device(device or dev), getattr(torch, dtype), heads, dim)
-        for dev, dtype, heads, dim in json.loads(meta["layout"])
+        StreamSpec(torch.device(device or dev), getattr(torch, dtype), heads, dim, name)
+        for dev, dtype, heads, dim, name in json.loads(meta["layout"])
+    ]
+    states = [
+        StateSpec(torch.device(device or dev), getattr(torch, dtype), tuple(shape), name)
+        for dev, dtype, shape, name in json.loads(meta["states"])
     ]
     groups = json.loads(meta["groups"])
     keys = tensors["keys"].numpy()
@@ -139,12 +141,15 @@ def read(path: str | os.PathLike, device=None) -> Snapshot:
     return Snapshot(
         block_size=int(meta["block_size"]),
         specs=specs,
+        states=states,
         groups=groups,
         namespaces={bytes.fromhex(k): v for k, v in json.loads(meta["namespaces"]).items()},
         keys=[k.tobytes() for k in keys],
         tokens=[t.tobytes() for t in tokens],
         parents=tensors["parents"].tolist(),
         data=[tensors[f"group{i}"] for i in range(len(groups))],
+        state_blocks=tensors["state_blocks"].tolist(),
+        state_data=[tensors[f"state{j}"] for j in range(len(states))],
     )
 
 
@@ -159,6 +164,6 @@ def _check_meta(meta: dict, path: Path) -> None:
         raise SnapshotError(
             f"{path} uses hash scheme {meta.get('hash_scheme')!r}, this hf-kvpool uses {HASH_SCHEME!r}: its keys would never match"
         )
-    for field in ("block_size", "layout", "groups", "namespaces", "checksum"):
+    for field in ("block_size", "layout", "states", "groups", "namespaces", "checksum"):
         if field not in meta:
             raise SnapshotError(f"{path} lacks {field!r} in its metadata")

@@ -25,6 +25,10 @@ class PoolStats:
     remote_hit_blocks: int = 0  # blocks served from the Redis tier
     host_stored_blocks: int = 0
     remote_errors: int = 0  # failed or timed-out Redis commands (the tier is skipped meanwhile)
+    stored_checkpoints: int = 0  # blocks that carry a checkpoint (recurrent/conv state at their end)
+    capacity_checkpoints: int = 0  # checkpoint slots (0 for models with attention state only)
+    checkpoint_hits: int = 0  # rows restored from a checkpoint
+    checkpoint_bytes: int = 0  # bytes of checkpoint storage allocated
 
     @property
     def hit_rate(self) -> float:

@@ -10,7 +10,8 @@ network call), so a slow Redis never holds up other threads' use of the pool.
 
 An entry carries its key, its parent's key and its token ids, so a reader verifies a hit exactly as
 the device tier does (no reuse on a collision). A Redis value is a small binary header (magic,
-JSON with key, parent, tokens, shapes and dtypes) followed by the raw K/V bytes; anything that does
+JSON with key, parent, tokens, shapes and dtypes) followed by the raw bytes of the block (and of its
+checkpoint, when it carries one); anything that does
 not verify is a miss, never wrong K/V. Redis errors and timeouts switch the tier off for a few
 seconds; generation goes on without it.
 """
@@ -37,11 +38,13 @@ class TierEntry:
     key: bytes
     parent: bytes | None  # None for the first block of a chain
     tokens: bytes
-    payload: list[torch.Tensor]  # per storage group: [n_layers, 2, H, bs, D] in host memory
+    payload: list[torch.Tensor]  # per storage group: [n_streams, 1, H, bs, D] in host memory
+    checkpoint: list[torch.Tensor] | None = None  # the state at the end of the block, if kept
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.payload) + len(self.tokens) + 32
+        tensors = [*self.payload, *(self.checkpoint or ())]
+        return sum(t.numel() * t.element_size() for t in tensors) + len(self.tokens) + 32
 
 
 class HostTier:
@@ -88,23 +91,31 @@ class HostTier:
             self._nbytes = 0
 
 
+Shapes = list[tuple[list[int], torch.dtype]]
+
+
 def encode_entry(entry: TierEntry) -> bytes:
-    """Header (magic, length, JSON) + raw bytes of every payload tensor."""
+    """Header (magic, length, JSON) + raw bytes of every payload tensor, then the checkpoint's."""
+    tensors = [*entry.payload, *(entry.checkpoint or ())]
     header = {
         "key": entry.key.hex(),
         "parent": None if entry.parent is None else entry.parent.hex(),
         "tokens": entry.tokens.hex(),
         "tensors": [[list(t.shape), str(t.dtype)] for t in entry.payload],
+        "checkpoint": None
+        if entry.checkpoint is None
+        else [[list(t.shape), str(t.dtype)] for t in entry.checkpoint],
     }
     head = json.dumps(header).encode()
     parts = [_MAGIC, len(head).to_bytes(4, "little"), head]
-    for t in entry.payload:
+    for t in tensors:
         parts.append(t.contiguous().view(torch.uint8).numpy().tobytes())
     return b"".join(parts)
 
 
-def decode_entry(data: bytes, key: bytes, shapes: list[tuple[list[int], torch.dtype]]) -> TierEntry | None:
-    """The entry in ``data`` if it is well-formed, for ``key``, and of the expected shapes; else None."""
+def decode_entry(data: bytes, key: bytes, shapes: Shapes, state_shapes: Shapes = ()) -> TierEntry | None:
+    """The entry in ``data`` if it is well-formed, for ``key``, of the expected block ``shapes`` and
+    (if it carries a checkpoint) checkpoint ``state_shapes``; else None."""
     try:
         if not data.startswith(_MAGIC):
             return None
@@ -112,23 +123,34 @@ def decode_entry(data: bytes, key: bytes, shapes: list[tuple[list[int], torch.dt
         header = json.loads(data[12 : 12 + n])
         if header["key"] != key.hex():
             return None
-        expected = [[list(shape), str(dtype)] for shape, dtype in shapes]
-        if header["tensors"] != expected:
+        if header["tensors"] != [[list(shape), str(dtype)] for shape, dtype in shapes]:
+            return None
+        has_checkpoint = header.get("checkpoint") is not None
+        if has_checkpoint and header["checkpoint"] != [
+            [list(shape), str(dtype)] for shape, dtype in state_shapes
+        ]:
             return None
         offset = 12 + n
-        payload = []
-        for shape, dtype in shapes:
-            size = torch.empty(shape, dtype=dtype).numel() * torch.empty((), dtype=dtype).element_size()
+        tensors = []
+        for shape, dtype in [*shapes, *(state_shapes if has_checkpoint else ())]:
+            size = (
+                torch.empty(shape, dtype=dtype, device="meta").numel()
+                * torch.empty((), dtype=dtype).element_size()
+            )
             chunk = data[offset : offset + size]
             if len(chunk) != size:
                 return None
-            payload.append(torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(dtype).reshape(shape))
+            tensors.append(torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(dtype).reshape(shape))
             offset += size
         if offset != len(data):
             return None
         parent = header["parent"]
         return TierEntry(
-            key, None if parent is None else bytes.fromhex(parent), bytes.fromhex(header["tokens"]), payload
+            key,
+            None if parent is None else bytes.fromhex(parent),
+            bytes.fromhex(header["tokens"]),
+            tensors[: len(shapes)],
+            tensors[len(shapes) :] if has_checkpoint else None,
         )
     except (ValueError, KeyError, TypeError, RuntimeError):
         return None
@@ -185,7 +207,7 @@ class RedisTier:
             return False
 
     def get_many(
-        self, namespace: bytes, keys: list[bytes], shapes: list[tuple[list[int], torch.dtype]]
+        self, namespace: bytes, keys: list[bytes], shapes: Shapes, state_shapes: Shapes = ()
     ) -> list[TierEntry | None]:
         if not keys or not self.available:
             return [None] * len(keys)
@@ -194,7 +216,7 @@ class RedisTier:
         except self._errors_type as exc:
             self._failed(exc)
             return [None] * len(keys)
-        return [None if v is None else decode_entry(v, k, shapes) for k, v in zip(keys, values)]
+        return [None if v is None else decode_entry(v, k, shapes, state_shapes) for k, v in zip(keys, values)]
 
 
 class Tiers:
@@ -219,7 +241,7 @@ class Tiers:
             self.host.put(entry)
 
     def find(
-        self, chain: Chain, start: int, namespace: bytes, shapes: list[tuple[list[int], torch.dtype]]
+        self, chain: Chain, start: int, namespace: bytes, shapes: Shapes, state_shapes: Shapes = ()
     ) -> list[tuple[TierEntry, str]]:
         """Entries continuing ``chain`` at block ``start`` (verified), each with its tier's name."""
         found: list[tuple[TierEntry, str]] = []
@@ -234,7 +256,9 @@ class Tiers:
                 parent, j = e.key, j + 1
         if self.remote is not None and j < len(chain):
             keys = [key for key, _ in chain[j:]]
-            for e, (key, tokens) in zip(self.remote.get_many(namespace, keys, shapes), chain[j:]):
+            for e, (key, tokens) in zip(
+                self.remote.get_many(namespace, keys, shapes, state_shapes), chain[j:]
+            ):
                 if e is None or e.tokens != tokens or e.parent != parent:
                     break
                 found.append((e, "remote"))

@@ -17,6 +17,7 @@ from transformers.cache_utils import DynamicLayer
 from . import compat
 from .call import CallState
 from .enable import enable, model_state
+from .kinds import kind_of
 from .layers import AppendLayer
 from .registry import ModelState
 
@@ -54,6 +55,11 @@ class PooledCache(compat.GenerateStartSignal, DynamicCache):
         if model is not None and not isinstance(model, torch.nn.Module):
             ddp_cache_data, model = model, None
         model = compat.unwrap_model(model)
+        if model is not None and compat.refuses_outside_caches(model):
+            raise ValueError(
+                f"{type(model).__name__} takes no cache but its own in generate() (generate() would raise for "
+                "a PooledCache): call model.generate() without cache= for this model"
+            )
         if model is not None and config is None:
             config = _text_config(model)
         compat.init_dynamic_cache(self, ddp_cache_data, config, **dynamic_cache_kwargs)
@@ -92,17 +98,17 @@ class PooledCache(compat.GenerateStartSignal, DynamicCache):
 
     def _lay_out_for(self, state: ModelState) -> None:
         """On first meeting its model: lay the layers out as generate() would for it (sliding windows...)."""
-        if self.get_seq_length() == 0:
+        if not compat.holds_tokens(self):
             compat.init_dynamic_cache(self, config=_text_config(state.model))
             self._use_append_layers()
 
     def _use_append_layers(self) -> None:
-        """Full-attention layers append in place (``layers.py``); sliding and other layers stay."""
+        """Each layer as its kind prepares it: full-attention layers append in place (``layers.py``)."""
         if compat.replicated_layer_class(self) is DynamicLayer:
             compat.set_replicated_layer_class(self, AppendLayer)
         self.layers = [
-            AppendLayer() if type(layer) is DynamicLayer and not layer.is_initialized else layer
-            for layer in self.layers
+            kind.prepare(layer) if kind else layer
+            for layer, kind in zip(self.layers, map(kind_of, self.layers))
         ]
 
     # ---------------------------------------------------------------- generate() lifecycle
@@ -114,8 +120,12 @@ class PooledCache(compat.GenerateStartSignal, DynamicCache):
         self._call.generate_started()
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self._call.on_update(layer_idx, key_states, value_states)
+        self._call.on_update(layer_idx, "update", (key_states, value_states))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def update_indexer(self, indexer_key_states, layer_idx, *args, **kwargs):
+        self._call.on_update(layer_idx, "update_indexer", (indexer_key_states,))
+        return super().update_indexer(indexer_key_states, layer_idx, *args, **kwargs)
 
     def reset(self):
         self._call.reset()

@@ -1,22 +1,24 @@
-"""One generate() call on a PooledCache, from start to end: its state, the two forward hooks that
-drive it, and the tracker that commits its blocks.
+"""One generate() call on a PooledCache, from start to end: its state and the two forward hooks
+that drive it (what it commits is ``tracker.py``'s).
 
 States of a :class:`CallState` (one per cache):
 
 - *bound*: the cache knows its model (``bind``), from its first use by an enabled model on;
 - *armed*: generate() started with the cache (``generate_started``); its first forward is a prefill
-  that may take pooled K/V;
-- *tracking*: after the prefill, a :class:`CallTracker` records every layer's new K/V (from
-  ``update()``) and the new token ids (from the pre-hook), and the post-hook commits each block a
-  row completes. Rearranging rows (beam search, assisted decoding) or an error ends tracking.
+  that may take pooled state and skip the columns it covers;
+- *tracking*: after the prefill, a :class:`~hf_kvpool.hf.tracker.CallTracker` records every layer's
+  new per-token tensors and the new token ids, and commits each block a row completes.
+  Rearranging rows (beam search, assisted decoding) or an error ends tracking.
 
 The hooks, registered on the causal-LM module by ``enable()``:
 
-- forward *pre*-hook: on a prefill, look every row up in the pool, fill the cache with the C
-  leading columns all rows can take, and trim ``input_ids`` / ``position_ids`` to the last ``L - C``
-  columns (the 2D mask stays full; generate() keeps its own full inputs, so decoding continues as
-  usual). On later forwards, hand the new token ids to the tracker: O(1), no host sync;
-- forward *post*-hook: commit what is due (``CallTracker.commit_if_due``).
+- forward *pre*-hook: on a prefill, look every row up in the pool, restore the C leading columns
+  all rows can take into the empty cache, and trim ``input_ids`` / ``position_ids`` to the rest
+  (the 2D mask stays full; generate() keeps its own full inputs, so decoding continues as usual).
+  For models with recurrent state, the prefill runs in two forwards split at the prompt's last
+  block boundary, so that a checkpoint of the state lands there. On later forwards, hand the new
+  token ids to the tracker: O(1), no host sync;
+- forward *post*-hook: commit what is due.
 
 Hooks run from ``Module.__call__``, so accelerate's hooks (which wrap ``forward``) do not hide them.
 Where reuse is not safe, the call runs as with DynamicCache and a warning says so once.
@@ -26,27 +28,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
-from ..core.hashing import Chain, block_hashes, extend_chain, namespace_key
-from ..core.pool import KVPool, PoolConfigError, token_column
-from . import prefill, registry
-from .layers import AppendLayer, fill_layer, spare_columns
+from ..core.hashing import block_hashes, namespace_key
+from ..core.pool import KVPool, PoolConfigError
+from . import compat, prefill, registry
 from .registry import ModelState, warn_once
+from .tracker import CallTracker, split_name
 
-__all__ = ["CallState", "CallTracker", "LayersWithoutKV", "pre_forward", "post_forward"]
+__all__ = ["CallState", "pre_forward", "post_forward"]
 
 _CACHE_KWARGS = ("cache", "past_key_values")
 _PER_TOKEN_KWARGS = ("position_ids", "token_type_ids")
-
-
-class LayersWithoutKV(Exception):
-    """Some layers gave no K/V through ``update()`` in a forward (KV sharing, recurrent state...)."""
-
-    def __init__(self, any_recorded: bool):
-        super().__init__("some layers gave no K/V through the cache")
-        self.any_recorded = any_recorded  # others did: a trait of the model, not of this call
+# A forward's fixed cost in prefill-token equivalents: one-token steps after a restore (models whose
+# multi-token scan ignores a stored state) pay off only when they save more than this per step.
+FORWARD_COST_TOKENS = 64
 
 
 class CallState:
@@ -58,6 +54,7 @@ class CallState:
     def __init__(self, on_bind: Callable[[ModelState], None]):
         self.binding: ModelState | None = None
         self.armed = False
+        self.inner = False  # a prefill piece the pre-hook runs itself is in progress
         self.tracker: CallTracker | None = None
         self.reused_tokens: list[int] = []
         self._on_bind = on_bind
@@ -92,9 +89,10 @@ class CallState:
         self.tracker = None
         self.armed = False
 
-    def on_update(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def on_update(self, layer_idx: int, method: str, args: tuple) -> None:
+        """``cache.<method>(*args, layer_idx)`` was called (``update``, ``update_indexer``)."""
         if self.tracker is not None:
-            self.tracker.record(layer_idx, keys, values)
+            self.tracker.record(layer_idx, self.binding.kinds[layer_idx].record(method, args))
         elif self.binding is None:
             warn_once(
                 "PooledCache() is used by a model that was never enabled, so it behaves like DynamicCache "
@@ -112,85 +110,6 @@ class CallState:
             )
 
 
-class CallTracker:
-    """Which tokens each row holds and which K/V are still to be committed, for one call.
-
-    Column ``token_column(pads[b], t)`` of row ``b`` holds token ``t`` of that row at position ``t``.
-    """
-
-    def __init__(
-        self,
-        pool: KVPool,
-        namespace: bytes,
-        num_layers: int,
-        pads: list[int],
-        tokens: list[np.ndarray],
-        chains: list[Chain],
-        reused_columns: int,
-        total_columns: int,
-    ):
-        self.pool = pool
-        self.namespace = namespace
-        self.bs = pool.block_size
-        self.pads = pads
-        self.tokens = tokens  # per row: real token ids known on the host
-        self.chains = chains  # per row: keys of every full block so far
-        # per row: first chain index not yet committed; blocks before it came from the pool
-        self.pending = [max(0, -(-(reused_columns - p) // self.bs)) for p in pads]
-        self.base = reused_columns  # column of the first recorded K/V
-        self.columns = total_columns  # columns the cache holds after this forward
-        self.layer_chunks: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(num_layers)]
-        self.token_chunks: list[torch.Tensor] = []  # [B, n] ids not yet copied to the host
-        self.next_due = 0  # commit when self.columns >= next_due (prefill: at once)
-
-    # ---------------------------------------------------------------- hot path
-    def record(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """K/V of the new columns of one layer, ``[B, H, n, D]`` (kept by reference)."""
-        self.layer_chunks[layer_idx].append((keys, values))
-
-    def add_tokens(self, input_ids: torch.Tensor) -> None:
-        """Token ids ``[B, n]`` fed to a forward after the prefill (stay on the device)."""
-        self.token_chunks.append(input_ids)
-        self.columns += input_ids.shape[1]
-
-    def commit_if_due(self) -> int:
-        if self.columns < self.next_due:
-            return 0
-        return self._commit()
-
-    # ---------------------------------------------------------------- commit
-    def _commit(self) -> int:
-        if any(not chunks for chunks in self.layer_chunks):
-            raise LayersWithoutKV(any_recorded=any(self.layer_chunks))
-        if self.token_chunks:
-            new_ids = torch.cat(self.token_chunks, dim=1).cpu().numpy()  # the one host sync
-            self.token_chunks = []
-            self.tokens = [np.concatenate([t, new_ids[b]]) for b, t in enumerate(self.tokens)]
-        for chain, tokens in zip(self.chains, self.tokens):
-            extend_chain(chain, tokens, self.bs, self.namespace)
-        layer_kv = [
-            (torch.cat([k for k, _ in chunks], dim=2), torch.cat([v for _, v in chunks], dim=2))
-            if len(chunks) > 1
-            else chunks[0]
-            for chunks in self.layer_chunks
-        ]
-        written = 0
-        for b, chain in enumerate(self.chains):
-            if self.pending[b] >= len(chain):
-                continue
-            first = token_column(self.pads[b], 0) - self.base  # column (in layer_kv) of token 0 of row b
-            written += self.pool.commit(chain, self.pending[b], layer_kv, b, first, self.namespace)
-            self.pending[b] = len(chain)
-        # keep only the columns a later block can still need
-        new_base = min(token_column(p, n * self.bs) for p, n in zip(self.pads, self.pending))
-        cut = new_base - self.base
-        # clone: a view would keep the whole prefill K/V alive
-        self.layer_chunks = [[(k[:, :, cut:].clone(), v[:, :, cut:].clone())] for k, v in layer_kv]
-        self.base = new_base
-        self.next_due = min(token_column(p, (len(c) + 1) * self.bs) for p, c in zip(self.pads, self.chains))
-        return written
-
-
 # ---------------------------------------------------------------------------- hooks
 def _find_call(kwargs: dict):
     """``(cache, its CallState)`` if the forward was given a PooledCache, else None."""
@@ -204,7 +123,7 @@ def _find_call(kwargs: dict):
 
 def pre_forward(module, args, kwargs):
     found = _find_call(kwargs)
-    if found is None:
+    if found is None or found[1].inner:
         return None
     cache, call = found
     state = registry.states.get(module)
@@ -212,11 +131,11 @@ def pre_forward(module, args, kwargs):
         return None
     call.bind(state)
     if state.unsupported:
-        warn_once(f"{type(module).__name__} cannot reuse K/V: {state.unsupported}")
+        warn_once(f"{type(module).__name__} cannot reuse K/V: {state.unsupported}", state.consequence)
         call.reset()
         return None
     input_ids = kwargs.get("input_ids", args[0] if args else None)
-    if cache.get_seq_length() > 0:  # a later forward of the same generation (decode, chunk)
+    if compat.holds_tokens(cache):  # a later forward of the same generation (decode, chunk)
         if call.tracker is not None:
             if input_ids is not None:
                 call.tracker.add_tokens(input_ids)
@@ -243,7 +162,7 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
     if pads is None:
         warn_once("the attention mask is not left padding (zeros, then ones, per row)")
         return None
-    if not prefill.positions_match(kwargs.get("position_ids"), pads, length):
+    if state.attends and not prefill.positions_match(kwargs.get("position_ids"), pads, length):
         warn_once("position_ids are not the positions of a left-padded prompt")
         return None
     prefill.check_vocab(module, ids, pads)
@@ -258,11 +177,9 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
         return None
 
     pool = cache.pool
-    fingerprint = state.fingerprint.digest(scan)
-    namespace = _namespace(pool, fingerprint, cache.salt)
+    namespace = _namespace(pool, state.fingerprint.digest(scan), cache.salt)
     tokens = [ids[b, pads[b] :] for b in range(batch)]
     chains = [block_hashes(t, pool.block_size, namespace) for t in tokens]
-
     max_columns = 0
     if armed:
         max_columns, why_not = prefill.reusable_columns(module, kwargs, length)
@@ -273,12 +190,25 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
             "a forward called outside generate() returns every position, so it is computed in full "
             "(its blocks are still stored for later generate() calls)"
         )
-    columns = _fill_from_pool(cache, pool, chains, pads, tokens, max_columns, namespace, length)
+    if any(pads) and not state.pad_invariant:
+        max_columns = 0  # the model's state depends on the padding (the tracker pools no padded row either)
+    if state.single_steps and max_columns > 0:
+        max_columns = _single_step_limit(pool, state, chains, pads, length, max_columns)
+    columns = _restore(cache, state, pool, chains, pads, tokens, max_columns, namespace, length)
     call.reused_tokens = [max(0, columns - p) for p in pads]
-    call.tracker = CallTracker(pool, namespace, len(cache.layers), pads, tokens, chains, columns, length)
-    if columns == 0:
+    call.tracker = CallTracker(pool, namespace, cache, state.kinds, pads, tokens, chains, columns)
+
+    start = columns
+    for stop in _pieces(state, pads, pool.block_size, columns, length, max_columns):
+        _forward_piece(module, call, kwargs, input_ids, start, stop, length)
+        if call.tracker is None:  # committing failed: the call goes on as with DynamicCache
+            break
+        start = stop
+    if call.tracker is not None:
+        call.tracker.reach(length)
+    if start == 0:
         return None
-    keep = length - columns
+    keep = length - start
     if args:
         args = (input_ids[:, -keep:], *args[1:])
     else:
@@ -299,43 +229,103 @@ def _namespace(pool: KVPool, fingerprint: bytes, salt: str | bytes | None) -> by
     return namespace
 
 
-def _fill_from_pool(cache, pool, chains, pads, tokens, max_columns, namespace, length) -> int:
+def _single_step_limit(pool, state, chains, pads, length, max_columns) -> int:
+    """For models fed one token per forward after a restore: reuse only if the steps cost less
+    than recomputing the columns they would save."""
+    hint = min(p + n for p, n in zip(pads, pool.reusable_tokens(chains, state.checkpointed)))
+    return max_columns if (length - 1 - hint) * FORWARD_COST_TOKENS < hint else 0
+
+
+def _restore(cache, state, pool, chains, pads, tokens, max_columns, namespace, length) -> int:
     """Fill the empty cache with the leading columns every row can take; returns how many."""
     if max_columns <= 0:
         return 0
-    # layers that append in place get their buffer straight from the gather, with room for this
-    # prompt and some decoding
-    room = [length + spare_columns(length) if isinstance(layer, AppendLayer) else 0 for layer in cache.layers]
+    layout = pool.layout
+    room = None
+    if layout is not None:
+        room = []
+        for spec in layout[0]:
+            index, _ = split_name(spec.name)
+            room.append(state.kinds[index].room(cache.layers[index], length))
     try:
-        fetched = pool.fetch(chains, pads, sum(len(t) for t in tokens), max_columns, namespace, room)
+        fetched = pool.fetch(
+            chains, pads, sum(len(t) for t in tokens), max_columns, namespace, room, state.checkpointed
+        )
     except Exception as exc:  # a failed gather (e.g. out of memory): compute everything
         warn_once(f"reading the pool failed ({type(exc).__name__}: {exc})")
         return 0
-    for layer, (k, v) in zip(cache.layers, fetched.layer_kv or ()):
-        fill_layer(layer, k, v, fetched.columns)
+    if fetched.columns == 0:
+        return 0
+    layout = pool.layout
+    streams: dict[int, dict] = {i: {} for i in range(len(cache.layers))}
+    for spec, t in zip(layout[0], fetched.streams):
+        index, what = split_name(spec.name)
+        streams[index][what] = t
+    states: dict[int, dict] = {i: {} for i in range(len(cache.layers))}
+    for spec, t in zip(layout[1], fetched.states or ()):
+        index, what = split_name(spec.name)
+        states[index][what] = t
+    for i, kind in enumerate(state.kinds):
+        kind.restore(cache, i, streams[i], fetched.columns, states[i])
     return fetched.columns
+
+
+def _pieces(
+    state: ModelState, pads: list[int], bs: int, start: int, length: int, max_columns: int
+) -> list[int]:
+    """Where the prefill's own forwards stop, before the caller's forward computes the rest.
+
+    Models with recurrent state stop at the prompt's last block boundary (a checkpoint lands
+    there); models whose multi-token scan ignores a restored state go one token at a time after a
+    restore. Other models: no pieces (one forward, as with DynamicCache).
+    """
+    if not state.checkpointed or max_columns <= 0:
+        return []
+    if state.single_steps:
+        return list(range(start + 1, length)) if start > 0 else []
+    # the column where the most rows end a block (the largest on ties), before the last token
+    candidates = [p + (length - 1 - p) // bs * bs for p in pads]
+    stop = max(candidates, key=lambda c: (sum((c - p) % bs == 0 for p in pads), c))
+    return [stop] if start < stop <= max_columns else []
+
+
+def _forward_piece(
+    module, call: CallState, kwargs: dict, input_ids, start: int, stop: int, length: int
+) -> None:
+    """Run columns ``[start, stop)`` of the prefill through the model with this cache, then commit."""
+    piece = {k: v for k, v in kwargs.items() if k not in ("input_ids", "labels")}
+    piece["input_ids"] = input_ids[:, start:stop]
+    for name in _PER_TOKEN_KWARGS:
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.shape[-1] == length:
+            piece[name] = value[..., start:stop]
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        piece["attention_mask"] = mask[:, : mask.shape[1] - (length - stop)]
+    piece["logits_to_keep"] = 1
+    call.inner = True
+    try:
+        module(**piece)
+    finally:
+        call.inner = False
+    call.tracker.reach(stop)
+    _commit(module, call)
 
 
 def post_forward(module, args, kwargs, output):
     found = _find_call(kwargs)
-    if found is None or found[1].tracker is None:
+    if found is None or found[1].tracker is None or found[1].inner:
         return None
-    call = found[1]
+    _commit(module, found[1])
+    return None
+
+
+def _commit(module, call: CallState) -> None:
     try:
         call.tracker.commit_if_due()
     except PoolConfigError:  # a user error: say it, do not swallow it
         call.stop()
         raise
-    except LayersWithoutKV as exc:
-        call.stop()
-        if exc.any_recorded:  # some layers gave K/V and others none: a trait of the model
-            state = registry.states.get(module)
-            if state is not None:
-                state.unsupported = "some layers produce no K/V through the cache (KV sharing?)"
-            warn_once(
-                f"{type(module).__name__} cannot reuse K/V: some layers produce no K/V through the cache"
-            )
     except Exception as exc:  # committing is best effort: the output is already correct
         call.stop()
         warn_once(f"writing to the pool failed ({type(exc).__name__}: {exc})")
-    return None

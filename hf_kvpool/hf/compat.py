@@ -17,12 +17,15 @@ __all__ = [
     "adapter_state",
     "canonical_name",
     "forward_hooks",
+    "continues_one_token_at_a_time",
     "global_forward_hooks",
+    "holds_tokens",
     "init_dynamic_cache",
     "init_layer",
     "is_config",
     "is_passive_hook",
     "offloaded_weights",
+    "refuses_outside_caches",
     "remove_forward_hooks",
     "replicated_layer_class",
     "restore_sliding_window",
@@ -222,3 +225,29 @@ def restore_sliding_window(layer, keys: torch.Tensor, values: torch.Tensor, tota
         keys = keys[:, :, -layer.sliding_window + 1 :, :].clone()
         values = values[:, :, -layer.sliding_window + 1 :, :].clone()
     layer.keys, layer.values = keys, values
+
+
+def holds_tokens(cache) -> bool:
+    """Whether the cache holds anything: attention layers with a length, or linear layers with a
+    state (an all-linear cache has no length: ``get_seq_length()`` raises there)."""
+    for layer in cache.layers:
+        if any(getattr(layer, "has_previous_state", {}).values()):
+            return True
+        if getattr(layer, "keys", None) is not None and layer.get_seq_length() > 0:
+            return True
+    return False
+
+
+# Model types whose multi-token mixer (the torch path of Mamba-1) starts its scan from zeros and
+# ignores a stored recurrent state: after a restore, they continue one token per forward.
+SINGLE_STEP_MODEL_TYPES = frozenset({"mamba", "falcon_mamba", "jamba", "zamba"})
+
+
+def continues_one_token_at_a_time(config) -> bool:
+    return getattr(config, "model_type", None) in SINGLE_STEP_MODEL_TYPES
+
+
+def refuses_outside_caches(model) -> bool:
+    """generate() of this model takes no Cache but its own (MiniMax v1, RWKV...)."""
+    check = getattr(model, "_supports_default_dynamic_cache", None)
+    return check is not None and not check()

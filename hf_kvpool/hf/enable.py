@@ -7,18 +7,17 @@ import weakref
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..core.pool import KVPool
 from . import compat
 from .call import post_forward, pre_forward
 from .fingerprint import ModelFingerprint
+from .kinds import kinds_of
 from .registry import ModelState, states, states_lock
 
 __all__ = ["enable", "get_pool", "model_state", "weights_changed"]
 
 _OWN_HOOKS = (pre_forward, post_forward)
-_SUPPORTED_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
 
 
 def enable(model: torch.nn.Module, pool: KVPool | None = None) -> torch.nn.Module:
@@ -39,7 +38,7 @@ def enable(model: torch.nn.Module, pool: KVPool | None = None) -> torch.nn.Modul
         state = states.get(model)
         if state is None:
             state = ModelState(weakref.ref(model), pool or KVPool(), ModelFingerprint(model, _OWN_HOOKS))
-            state.unsupported = _why_unsupported(model)
+            _inspect(model, state)
             # a copy of an enabled model carries our hooks without a state
             compat.remove_forward_hooks(model, _OWN_HOOKS)
             state.handles = [
@@ -72,17 +71,25 @@ def weights_changed(model: torch.nn.Module) -> None:
         state.fingerprint.invalidate()
 
 
-def _why_unsupported(model: torch.nn.Module) -> str | None:
+def _inspect(model: torch.nn.Module, state: ModelState) -> None:
+    """The model's cache-layer kinds, or why the pool cannot serve it (found before any storage)."""
     problem = compat.transformers_version_problem()
     if problem:
-        return problem
+        state.unsupported = problem
+        return
     config = getattr(model, "config", None)
     if config is None:
-        return "the model has no transformers config"
+        state.unsupported = "the model has no transformers config"
+        return
     if getattr(config, "is_encoder_decoder", False):
-        return "encoder-decoder models are not supported"
-    probe = DynamicCache(config=config.get_text_config(decoder=True))
-    for layer in probe.layers:
-        if type(layer) not in _SUPPORTED_LAYERS:
-            return f"it has {type(layer).__name__} cache layers (only attention K/V can be reused)"
-    return None
+        state.unsupported = "encoder-decoder models are not supported"
+        return
+    if compat.refuses_outside_caches(model):
+        state.unsupported = f"{type(model).__name__} takes no cache but its own in generate()"
+        state.consequence = (
+            "generate(cache=PooledCache(...)) raises in the model: call generate() without cache="
+        )
+        return
+    text_config = config.get_text_config(decoder=True)
+    state.kinds, state.unsupported = kinds_of(DynamicCache(config=text_config).layers)
+    state.single_steps = compat.continues_one_token_at_a_time(text_config)

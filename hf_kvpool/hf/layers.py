@@ -15,11 +15,11 @@ from the pool copies them once, not twice.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicLayer
 
 from . import compat
 
-__all__ = ["AppendLayer", "adopt", "fill_layer", "spare_columns"]
+__all__ = ["AppendLayer", "adopt", "spare_columns"]
 
 _MIN_SPARE = 64  # columns of spare room at least, on each (re)allocation
 
@@ -90,17 +90,3 @@ def adopt(layer: AppendLayer, kbuf: torch.Tensor, vbuf: torch.Tensor, filled: in
     compat.init_layer(layer, kbuf, vbuf)
     layer._kbuf, layer._vbuf = kbuf, vbuf
     layer.keys, layer.values = kbuf[:, :, :filled], vbuf[:, :, :filled]
-
-
-def fill_layer(layer, keys: torch.Tensor, values: torch.Tensor, columns: int) -> None:
-    """Put pooled K/V (``[B, H, >= columns, D]``, the first ``columns`` filled) into an empty layer,
-    holding what ``layer.update`` would hold after receiving those columns."""
-    if isinstance(layer, AppendLayer):
-        adopt(layer, keys, values, columns)
-        return
-    keys, values = keys[:, :, :columns], values[:, :, :columns]
-    if isinstance(layer, DynamicSlidingWindowLayer):
-        compat.restore_sliding_window(layer, keys, values, columns)
-        return
-    compat.init_layer(layer, keys, values)
-    layer.keys, layer.values = keys, values

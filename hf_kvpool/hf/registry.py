@@ -17,13 +17,32 @@ __all__ = ["ModelState", "states", "states_lock", "warn_once"]
 
 @dataclass
 class ModelState:
-    """One enabled model: its default pool, its fingerprint, and why it cannot reuse K/V (if so)."""
+    """One enabled model: its default pool, its fingerprint, its cache-layer kinds, and why it
+    cannot reuse K/V (if so) with what happens then (``consequence``)."""
 
     model_ref: weakref.ref
     pool: KVPool
     fingerprint: ModelFingerprint
+    kinds: list = field(default_factory=list)  # LayerKind per cache layer
     unsupported: str | None = None
+    consequence: str = "this call runs as with DynamicCache (no reuse)"
+    single_steps: bool = False  # after a restore, feed one token per forward (see compat)
     handles: list = field(default_factory=list)
+
+    @property
+    def checkpointed(self) -> bool:
+        """Some layer holds state at a token boundary (recurrent, convolution)."""
+        return any(kind.checkpointed for kind in self.kinds)
+
+    @property
+    def attends(self) -> bool:
+        """Some layer reads positions."""
+        return any(kind.attends for kind in self.kinds)
+
+    @property
+    def pad_invariant(self) -> bool:
+        """A left-padded row holds what it holds unpadded (else rows with pads are not pooled)."""
+        return all(kind.pad_invariant for kind in self.kinds)
 
     @property
     def model(self) -> torch.nn.Module:

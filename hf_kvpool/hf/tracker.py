@@ -1,0 +1,171 @@
+"""What one call commits: the tokens each row holds, the streams recorded since the last commit,
+and the checkpoints taken at block boundaries.
+
+Column ``token_column(pads[b], t)`` of row ``b`` holds token ``t`` of that row at position ``t``.
+The cache's ``update()`` (and ``update_indexer()``...) hand the tracker every layer's new per-token
+tensors (``record``); the forward pre-hook hands it the new token ids (``add_tokens``: device
+tensors, no host sync); after each forward, ``commit_if_due`` commits the blocks rows completed:
+one host copy of the pending token ids, hashing, one scatter per row. A row that ends exactly at a
+block boundary after a forward also gets a checkpoint of the layers' state there (models with
+recurrent state): the last boundary of the prompt, and while decoding the last boundary reached
+(each new one replaces this call's previous one, so checkpoints do not pile up).
+
+Streams are named ``"<layer>.<stream>"`` (``"3.keys"``), checkpoint tensors ``"<layer>.<state>"``
+(``"0.conv0"``); the pool keeps the names, so any call (or process) maps pooled tensors back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..core.block_store import StateSpec, StreamSpec
+from ..core.hashing import Chain, extend_chain
+from ..core.pool import KVPool, token_column
+from .kinds import LayerKind
+
+__all__ = ["CallTracker", "layer_state", "split_name"]
+
+
+def split_name(name: str) -> tuple[int, str]:
+    layer, _, what = name.partition(".")
+    return int(layer), what
+
+
+def layer_state(cache, kinds: list[LayerKind]) -> dict[str, torch.Tensor] | None:
+    """Every checkpointed layer's state now, batched: ``"<layer>.<state>"`` -> ``[B, ...]``; None if
+    some layer cannot be checkpointed here."""
+    out = {}
+    for i, kind in enumerate(kinds):
+        if kind.checkpointed:
+            state = kind.state(cache.layers[i])
+            if state is None:
+                return None
+            out.update((f"{i}.{name}", t) for name, t in sorted(state.items()))
+    return out
+
+
+class _NotYet(Exception):
+    """The pool's layout is not known yet and cannot be set at this boundary."""
+
+
+class CallTracker:
+    def __init__(
+        self,
+        pool: KVPool,
+        namespace: bytes,
+        cache,
+        kinds: list[LayerKind],
+        pads: list[int],
+        tokens: list[np.ndarray],
+        chains: list[Chain],
+        reused_columns: int,
+    ):
+        self.pool = pool
+        self.namespace = namespace
+        self.cache = cache
+        self.kinds = kinds
+        self.checkpointed = any(k.checkpointed for k in kinds)
+        self.pooled_rows = [p == 0 or all(k.pad_invariant for k in kinds) for p in pads]
+        self.bs = pool.block_size
+        self.pads = pads
+        self.tokens = tokens  # per row: real token ids known on the host (a prompt's are all known)
+        self.chains = chains  # per row: keys of every full block of those tokens
+        # per row: first chain index not yet committed; blocks before it came from the pool
+        self.pending = [max(0, -(-(reused_columns - p) // self.bs)) for p in pads]
+        self.base = reused_columns  # column of the first recorded tensor
+        self.columns = reused_columns  # columns the cache holds once the running forward is done
+        self.chunks: dict[str, list[torch.Tensor]] = {}
+        self.token_chunks: list[torch.Tensor] = []  # [B, n] ids not yet copied to the host
+        self.decoding = False  # past the prompt: checkpoints roll
+        self.rolling: list[bytes | None] = [None] * len(pads)  # per row: key of the last rolled checkpoint
+
+    # ---------------------------------------------------------------- hot path
+    def record(self, layer_idx: int, streams: dict[str, torch.Tensor]) -> None:
+        """New columns of one layer's streams, each ``[B, H, n, D]`` (kept by reference)."""
+        for name, t in streams.items():
+            self.chunks.setdefault(f"{layer_idx}.{name}", []).append(t)
+
+    def reach(self, columns: int) -> None:
+        """A prefill piece will leave ``columns`` columns in the cache (its tokens are known)."""
+        self.columns = columns
+
+    def add_tokens(self, input_ids: torch.Tensor) -> None:
+        """Token ids ``[B, n]`` fed to a forward after the prefill (stay on the device)."""
+        self.decoding = True
+        self.token_chunks.append(input_ids)
+        self.columns += input_ids.shape[1]
+
+    def next_due(self) -> int:
+        """The column at which the next row completes a block."""
+        return min(token_column(p, (n + 1) * self.bs) for p, n in zip(self.pads, self.pending))
+
+    def commit_if_due(self) -> int:
+        if self.columns < self.next_due():
+            return 0
+        try:
+            return self._commit()
+        except _NotYet:  # the first commit ever needs a checkpoint to size the pool: at the next boundary
+            return 0
+
+    # ---------------------------------------------------------------- commit
+    def _commit(self) -> int:
+        if self.token_chunks:
+            new_ids = torch.cat(self.token_chunks, dim=1).cpu().numpy()  # the one host sync
+            self.token_chunks = []
+            self.tokens = [np.concatenate([t, new_ids[b]]) for b, t in enumerate(self.tokens)]
+        for i, kind in enumerate(self.kinds):
+            if kind.derives:
+                for name, t in kind.derived(self.cache.layers[i], self.base, self.columns).items():
+                    self.chunks[f"{i}.{name}"] = [t]
+        state = layer_state(self.cache, self.kinds) if self.checkpointed else {}
+        names, state_names = self._layout(state)
+        streams = self._streams(names)
+        written = 0
+        for b, chain in enumerate(self.chains):
+            held = self.columns - self.pads[b]  # tokens of row b in the cache now
+            extend_chain(chain, self.tokens[b][:held], self.bs, self.namespace)
+            full = held // self.bs
+            at_boundary = self.checkpointed and state is not None and held > 0 and held % self.bs == 0
+            if not self.pooled_rows[b] or (self.pending[b] >= full and not at_boundary):
+                continue
+            checkpoint = [state[n][b] for n in state_names] if at_boundary else None
+            first = token_column(self.pads[b], 0) - self.base  # column (in the streams) of token 0 of row b
+            written += self.pool.commit(
+                chain[:full], self.pending[b], streams, b, first, self.namespace, checkpoint
+            )
+            self.pending[b] = max(self.pending[b], full)
+            if checkpoint is not None and self.decoding:
+                if self.rolling[b] is not None and self.rolling[b] != chain[full - 1][0]:
+                    self.pool.drop_checkpoint(self.rolling[b])
+                self.rolling[b] = chain[full - 1][0]
+        self._trim(streams, names)
+        return written
+
+    def _layout(self, state: dict | None) -> tuple[list[str], list[str]]:
+        """Names of the streams and checkpoint tensors recorded, checked against the pool's layout
+        (which the first commit ever sets: ``KVPool.allocate`` raises on a mismatch)."""
+        names = sorted(self.chunks, key=split_name)
+        specs = [StreamSpec.of(self.chunks[n][0], n) for n in names]
+        if state is None:  # no checkpoint possible now: the layout is the pool's, or waits for one
+            layout = self.pool.layout
+            if layout is None:
+                raise _NotYet()
+            if [s for s in layout[0]] != specs:
+                self.pool.allocate(specs, layout[1])  # raises the mismatch
+            return names, [s.name for s in layout[1]]
+        self.pool.allocate(specs, [StateSpec.of_row(t[0], n) for n, t in state.items()])
+        return names, list(state)
+
+    def _streams(self, names: list[str]) -> list[torch.Tensor]:
+        return [
+            torch.cat(self.chunks[n], dim=2) if len(self.chunks[n]) > 1 else self.chunks[n][0] for n in names
+        ]
+
+    def _trim(self, streams: list[torch.Tensor], names: list[str]) -> None:
+        """Keep only the columns a later block can still need."""
+        new_base = min(token_column(p, n * self.bs) for p, n in zip(self.pads, self.pending))
+        cut = new_base - self.base
+        # clone: a view would keep the whole prefill's tensors alive
+        self.chunks = {n: [t[:, :, cut:].clone()] for n, t in zip(names, streams)}
+        self.base = new_base
