@@ -214,7 +214,7 @@ def test_mamba1_model_reuses_one_token_at_a_time(monkeypatch):
     forward, which pays only when few tokens are left (the cost model); both ways match DynamicCache."""
     from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
-    import hf_kvpool.hf.call as call_module
+    import hf_kvpool.hf.catchup as catchup
 
     config = FalconMambaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, state_size=4)
     torch.manual_seed(0)
@@ -225,7 +225,7 @@ def test_mamba1_model_reuses_one_token_at_a_time(monkeypatch):
     ext = torch.cat([out.sequences, prompt(3, 15)], dim=1)  # 31 tokens; the last call reached 26
     _, cache = pooled(model, ext, pool)
     assert cache.reused_tokens == [0]  # 6 one-token forwards cost more than recomputing 24 tokens
-    monkeypatch.setattr(call_module, "FORWARD_COST_TOKENS", 1)  # a device where forwards are cheap
+    monkeypatch.setattr(catchup, "FORWARD_COST_TOKENS", 1)  # a device where forwards are cheap
     _, cache = pooled(model, ext, pool)
     assert cache.reused_tokens == [24]  # the checkpoint at the last block boundary it decoded past
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import assert_same, generate, reference
 
-import hf_kvpool.hf.call as call_module
+import hf_kvpool.hf.catchup as catchup
 from hf_kvpool import KVPool, PooledCache
 from hf_kvpool.hf.enable import model_state
 
@@ -43,7 +43,7 @@ def test_three_turns_reuse_every_full_block(model_type, monkeypatch):
     if model_state_of(model).single_steps:
         # Mamba-1 mixers continue one token per forward after a restore; the cost model would
         # recompute these short prompts instead (tests/test_integration.py checks that choice)
-        monkeypatch.setattr(call_module, "FORWARD_COST_TOKENS", 1)
+        monkeypatch.setattr(catchup, "FORWARD_COST_TOKENS", 1)
     pool = KVPool(block_size=BS)
     ids, held = zoo.prompt(21, seed=1), 0
     for n in range(3):

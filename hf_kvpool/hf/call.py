@@ -32,7 +32,7 @@ import torch
 
 from ..core.hashing import block_hashes, namespace_key
 from ..core.pool import KVPool, PoolConfigError
-from . import compat, prefill, registry
+from . import catchup, compat, prefill, registry
 from .registry import ModelState, warn_once
 from .tracker import CallTracker, split_name
 
@@ -40,9 +40,6 @@ __all__ = ["CallState", "pre_forward", "post_forward"]
 
 _CACHE_KWARGS = ("cache", "past_key_values")
 _PER_TOKEN_KWARGS = ("position_ids", "token_type_ids")
-# A forward's fixed cost in prefill-token equivalents: one-token steps after a restore (models whose
-# multi-token scan ignores a stored state) pay off only when they save more than this per step.
-FORWARD_COST_TOKENS = 64
 
 
 class CallState:
@@ -194,6 +191,9 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
         max_columns = 0  # the model's state depends on the padding (the tracker pools no padded row either)
     if state.single_steps and max_columns > 0:
         max_columns = _single_step_limit(pool, state, chains, pads, length, max_columns)
+    if max_columns > 0:
+        for row, target in catchup.plan(pool, state, chains, pads, tokens, length, max_columns):
+            _catch_up(module, cache, state, tokens[row][: target + 1], input_ids.device)
     columns = _restore(cache, state, pool, chains, pads, tokens, max_columns, namespace, length)
     call.reused_tokens = [max(0, columns - p) for p in pads]
     call.tracker = CallTracker(pool, namespace, cache, state.kinds, pads, tokens, chains, columns)
@@ -233,7 +233,19 @@ def _single_step_limit(pool, state, chains, pads, length, max_columns) -> int:
     """For models fed one token per forward after a restore: reuse only if the steps cost less
     than recomputing the columns they would save."""
     hint = min(p + n for p, n in zip(pads, pool.reusable_tokens(chains, state.checkpointed)))
-    return max_columns if (length - 1 - hint) * FORWARD_COST_TOKENS < hint else 0
+    return max_columns if (length - 1 - hint) * catchup.FORWARD_COST_TOKENS < hint else 0
+
+
+def _catch_up(module, cache, state: ModelState, tokens, device) -> None:
+    """Put one row's tokens (all but the last computed) in the pool: a prefill of its own, on a
+    scratch cache of the same kind that restores what the pool has and commits the rest."""
+    ids = torch.as_tensor(tokens, device=device).unsqueeze(0)
+    scratch = type(cache)(pool=cache.pool, salt=cache.salt)
+    call = _find_call({"cache": scratch})[1]
+    call.bind(state)
+    call.generate_started()
+    positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
+    module(input_ids=ids, position_ids=positions, cache=scratch, use_cache=True, logits_to_keep=1)
 
 
 def _restore(cache, state, pool, chains, pads, tokens, max_columns, namespace, length) -> int:
