@@ -9,7 +9,8 @@ call's output must equal DynamicCache's (``helpers.pooled``: identical tokens, l
 1e-4), and the reuse is bounded on both sides:
 
 - never more than the longest prefix this salt has already run through the model (whatever the pool
-  returns must have been computed before, under that salt);
+  returns must have been computed before, under that salt: by earlier calls, or in a batch by the
+  rows that caught up first);
 - with a large pool, at least the full blocks shared with an earlier prompt of that salt.
 
 After every case the bookkeeping is consistent and the counters add up.
@@ -146,8 +147,11 @@ def run_case(case: int) -> None:
         for b, (row, r) in enumerate(zip(rows, row_reused)):
             assert 0 <= r <= len(row) - 1, (b, r, len(row))
             if upper_known:
-                # only what this salt already ran through the model can come from the pool
-                ub = max([common_blocks(row, s, bs) for s in seen_all[salt]], default=0) * bs
+                # only what this salt already ran through the model can come from the pool: earlier
+                # calls, and in a batch the rows that caught up first (each up to its last block
+                # boundary before its last token, hf_kvpool/hf/catchup.py)
+                caught_up = [o[: (len(o) - 1) // bs * bs] for o in rows] if len(rows) * expand > 1 else []
+                ub = max([common_blocks(row, s, bs) for s in seen_all[salt] + caught_up], default=0) * bs
                 assert r <= ub, (
                     f"row {b} reused {r} tokens but only {ub} were ever computed under salt {salt!r}"
                 )

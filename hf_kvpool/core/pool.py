@@ -144,6 +144,7 @@ class KVPool:
         namespace: bytes = b"",
         room: list[int] | None = None,
         checkpointed: bool = False,
+        count: bool = True,
     ) -> Fetched:
         """Look up every row's chain and gather the reusable leading columns.
 
@@ -152,10 +153,12 @@ class KVPool:
         With ``checkpointed``, every row must also have a checkpoint exactly at its token ``C - pads[b]``
         (so ``C`` is the largest column where all rows do), and the result carries those states.
         ``room``: per stream, columns to allocate for the result (see :meth:`BlockStore.gather`).
+        ``count=False``: not counted in :meth:`stats` (the library's own look-ups, not a caller's prompt).
         """
         with self._lock:
-            self._lookups += 1
-            self._query_tokens += query_tokens
+            if count:
+                self._lookups += 1
+                self._query_tokens += query_tokens
             if self._device is None or max_columns <= 0:
                 return Fetched(0, None)
             manager = self._device.manager
@@ -172,8 +175,9 @@ class KVPool:
                 if columns <= 0 or all(columns <= p for p in pads):
                     return Fetched(0, None)
                 streams, states = self._device.gather(matched, pads, columns, room, checkpointed)
-                self._hit_tokens += sum(max(0, columns - p) for p in pads)
-                self._checkpoint_hits += len(pads) if checkpointed else 0
+                if count:
+                    self._hit_tokens += sum(max(0, columns - p) for p in pads)
+                    self._checkpoint_hits += len(pads) if checkpointed else 0
                 return Fetched(columns, streams, states)
         finally:
             with self._lock:

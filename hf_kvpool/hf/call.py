@@ -52,6 +52,7 @@ class CallState:
         self.binding: ModelState | None = None
         self.armed = False
         self.inner = False  # a prefill piece the pre-hook runs itself is in progress
+        self.internal = False  # a catch-up's scratch call: its look-ups are not the caller's
         self.tracker: CallTracker | None = None
         self.reused_tokens: list[int] = []
         self._on_bind = on_bind
@@ -190,11 +191,15 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
     if any(pads) and not state.pad_invariant:
         max_columns = 0  # the model's state depends on the padding (the tracker pools no padded row either)
     if state.single_steps and max_columns > 0:
-        max_columns = _single_step_limit(pool, state, chains, pads, length, max_columns)
+        max_columns = _single_step_limit(pool, state, chains, pads, length, max_columns, input_ids.device)
     if max_columns > 0:
-        for row, target in catchup.plan(pool, state, chains, pads, tokens, length, max_columns):
+        for row, target in catchup.plan(
+            pool, state, chains, pads, tokens, length, max_columns, input_ids.device
+        ):
             _catch_up(module, cache, state, tokens[row][: target + 1], input_ids.device)
-    columns = _restore(cache, state, pool, chains, pads, tokens, max_columns, namespace, length)
+    columns = _restore(
+        cache, state, pool, chains, pads, tokens, max_columns, namespace, length, not call.internal
+    )
     call.reused_tokens = [max(0, columns - p) for p in pads]
     call.tracker = CallTracker(pool, namespace, cache, state.kinds, pads, tokens, chains, columns)
 
@@ -229,11 +234,11 @@ def _namespace(pool: KVPool, fingerprint: bytes, salt: str | bytes | None) -> by
     return namespace
 
 
-def _single_step_limit(pool, state, chains, pads, length, max_columns) -> int:
+def _single_step_limit(pool, state, chains, pads, length, max_columns, device) -> int:
     """For models fed one token per forward after a restore: reuse only if the steps cost less
     than recomputing the columns they would save."""
     hint = min(p + n for p, n in zip(pads, pool.reusable_tokens(chains, state.checkpointed)))
-    return max_columns if (length - 1 - hint) * catchup.FORWARD_COST_TOKENS < hint else 0
+    return max_columns if (length - 1 - hint) * catchup.forward_cost(device) < hint else 0
 
 
 def _catch_up(module, cache, state: ModelState, tokens, device) -> None:
@@ -244,11 +249,12 @@ def _catch_up(module, cache, state: ModelState, tokens, device) -> None:
     call = _find_call({"cache": scratch})[1]
     call.bind(state)
     call.generate_started()
+    call.internal = True
     positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
     module(input_ids=ids, position_ids=positions, cache=scratch, use_cache=True, logits_to_keep=1)
 
 
-def _restore(cache, state, pool, chains, pads, tokens, max_columns, namespace, length) -> int:
+def _restore(cache, state, pool, chains, pads, tokens, max_columns, namespace, length, count: bool) -> int:
     """Fill the empty cache with the leading columns every row can take; returns how many."""
     if max_columns <= 0:
         return 0
@@ -261,7 +267,7 @@ def _restore(cache, state, pool, chains, pads, tokens, max_columns, namespace, l
             room.append(state.kinds[index].room(cache.layers[index], length))
     try:
         fetched = pool.fetch(
-            chains, pads, sum(len(t) for t in tokens), max_columns, namespace, room, state.checkpointed
+            chains, pads, sum(len(t) for t in tokens), max_columns, namespace, room, state.checkpointed, count
         )
     except Exception as exc:  # a failed gather (e.g. out of memory): compute everything
         warn_once(f"reading the pool failed ({type(exc).__name__}: {exc})")

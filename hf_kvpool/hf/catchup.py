@@ -9,7 +9,7 @@ starts from the common column, which is at most one block before its end.
 
 Cost model, in prompt-token positions: without catching up the batch computes ``B * (L - C0)``
 positions; raising the common column to ``C1`` costs the missing tokens of the distinct rows below
-it plus ``FORWARD_COST_TOKENS`` per forward (its fixed cost: launching every layer once), after
+it plus a forward's fixed cost per forward (``FORWARD_COST_TOKENS``, by device type), after
 which the batch computes ``B * (L - C1)``. The cheapest ``C1`` (or none) wins: a forward for three
 tokens does not pay. Models with recurrent state can start the batch from a column only where every row has
 a checkpoint, i.e. where the rows' padding lines up on block boundaries; elsewhere catching up
@@ -21,14 +21,20 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["FORWARD_COST_TOKENS", "plan"]
+__all__ = ["FORWARD_COST_TOKENS", "forward_cost", "plan"]
 
-# A forward's fixed cost in prefill-token equivalents (one per layer launch, the per-call work of
-# generate()'s forward); measured on this project's CPU for small models, conservative on GPUs.
-FORWARD_COST_TOKENS = 32
+# A forward's fixed cost in prefill-token equivalents, by device type: launching every layer once
+# and generate()'s per-call work. On CPUs the work per token dominates (a forward of a small model
+# costs about what 10-20 more tokens do, measured here); on GPUs a token costs almost nothing next
+# to the launches, so a forward is worth hundreds of tokens.
+FORWARD_COST_TOKENS = {"cpu": 16, "cuda": 256}
 
 
-def plan(pool, state, chains, pads, tokens, length: int, max_columns: int) -> list[tuple[int, int]]:
+def forward_cost(device) -> int:
+    return FORWARD_COST_TOKENS.get(getattr(device, "type", str(device)), FORWARD_COST_TOKENS["cuda"])
+
+
+def plan(pool, state, chains, pads, tokens, length: int, max_columns: int, device) -> list[tuple[int, int]]:
     """``(row, target)`` for each distinct row that should first hold ``target`` tokens in the pool
     (none when catching up does not pay, see module docstring)."""
     if len(tokens) < 2 or state.single_steps or (any(pads) and not state.pad_invariant):
@@ -52,7 +58,7 @@ def plan(pool, state, chains, pads, tokens, length: int, max_columns: int) -> li
         for b in behind:
             distinct.setdefault(np.asarray(tokens[b]).tobytes(), b)
         jobs = [(b, target[b]) for b in distinct.values()]
-        cost = sum(t + 1 - have[b] + FORWARD_COST_TOKENS for b, t in jobs) + batch * (length - column)
+        cost = sum(t + 1 - have[b] + forward_cost(device) for b, t in jobs) + batch * (length - column)
         if cost < best_cost:
             best, best_cost = jobs, cost
     return best
