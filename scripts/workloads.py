@@ -121,6 +121,7 @@ def agent_workload(
     vocab_size: int = 4096,
     share: bool = True,
     seed: int = 0,
+    token_source=None,
 ) -> AgentWorkload:
     """A seeded workload of ``sessions`` x ``turns`` calls, interleaved round-robin.
 
@@ -129,9 +130,15 @@ def agent_workload(
     of ``result_tokens`` tokens (log-uniform: many small reads, a few large logs). Each call asks
     for ``answer_tokens`` new tokens (log-uniform). ``share=False`` keeps every length but makes
     each prompt fresh tokens (a workload with no shared prefix at all).
+
+    ``token_source(rng, n) -> ids`` draws the ``n`` token ids of a piece of text (the shared
+    prefix, a task, a tool result), e.g. windows of real text (``source_text.TextTokens``) for a real
+    model; default: uniform random ids in ``[3, vocab_size)``. Lengths and answer sizes are drawn
+    the same way with either source.
     """
     rng = np.random.default_rng(seed)
-    prefix = rng.integers(RESERVED_IDS, vocab_size, system_tokens + tool_tokens, dtype=np.int64)
+    draw = token_source or (lambda g, n: g.integers(RESERVED_IDS, vocab_size, n, dtype=np.int64))
+    prefix = draw(rng, system_tokens + tool_tokens)
     per_session = []
     for _ in range(sessions):
         seq = []
@@ -141,7 +148,7 @@ def agent_workload(
                 if t == 0
                 else _log_uniform(rng, *result_tokens)
             )
-            tokens = rng.integers(RESERVED_IDS, vocab_size, n, dtype=np.int64)
+            tokens = draw(rng, n)
             seq.append((tokens, _log_uniform(rng, *answer_tokens)))
         per_session.append(seq)
     calls = []
@@ -336,18 +343,22 @@ def environment(device) -> dict:
     """What a benchmark ran on: versions, platform, threads, device (for its JSON)."""
     import os
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     import torch
     import transformers
 
-    from . import __version__
+    try:
+        hf_kvpool_version = version("hf-kvpool")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        hf_kvpool_version = None
 
     device = torch.device(device)
     return dict(
         python=platform.python_version(),
         torch=torch.__version__,
         transformers=transformers.__version__,
-        hf_kvpool=__version__,
+        hf_kvpool=hf_kvpool_version,
         platform=platform.platform(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
