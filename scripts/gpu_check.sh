@@ -10,6 +10,12 @@
 #   3. scripts/bench_agent.py --device cuda --dtype bfloat16 (the default workload) into $OUT;
 #      $OUT is exported for it
 # Logs and JSON go under $OUT. Each step has a time limit; the whole run stays under ~6 minutes.
+#
+# The lent machine's image has transformers 5.17, below the tested range (>= 5.24, < 5.25: hf_kvpool
+# computes without the pool outside it). Carry the 5.24 wheel: here, in the repository root,
+#     echo /.whl/ >> .git/info/exclude
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl transformers==5.24.0
+# and name .whl in the device call's carry: this script installs every wheel there into /tmp/site.
 
 set -u
 cd "$(dirname "$0")/.."
@@ -40,7 +46,12 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 # The package maps the top-level triton_kernels/ folder to hf_kvpool.triton_kernels, which plain
 # PYTHONPATH=. cannot express. Prefer an existing install; else a temporary tree of symlinks with
 # hf_kvpool/triton_kernels -> triton_kernels; else an editable install.
-importable() { "$PY" -c "import hf_kvpool.triton_kernels, hf_kvpool.paged_copy" >/dev/null 2>&1; }
+if compgen -G ".whl/*.whl" >/dev/null; then
+    log "installing carried wheels: $(ls .whl)"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+importable() { "$PY" -c "import hf_kvpool.triton_kernels, hf_kvpool.core.paging" >/dev/null 2>&1; }
 if ! importable; then
     shim="$(mktemp -d)"
     mkdir "$shim/hf_kvpool"
@@ -60,7 +71,7 @@ if ! importable; then
 fi
 
 {
-    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__); print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '-')"
+    "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__); print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '-')"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 } 2>&1 | tee "$OUT/env.txt"
 
