@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import DynamicCache
-from workloads import MODEL_SIZES, agent_workload, environment, ideal_hits, tiny_llama
+from workloads import MODEL_SIZES, agent_workload, environment, ideal_hits, tiny_llama, tiny_qwen3_5
 
 import hf_kvpool
 from hf_kvpool import KVPool, PooledCache
@@ -119,6 +119,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "or a local checkpoint (AutoModelForCausalLM, local_files_only); default: the preset's",
     )
     p.add_argument("--model-size", default=None, help="built-in random model: micro, quick or default")
+    p.add_argument(
+        "--arch",
+        default="llama",
+        choices=["llama", "qwen3_5"],
+        help="built-in random model's architecture: llama, or qwen3_5 (gated DeltaNet + attention hybrid)",
+    )
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--sessions", type=int, default=None)
     p.add_argument("--turns", type=int, default=None)
@@ -347,7 +353,7 @@ class ContinuousBatching(Mode):
 
 
 # ---------------------------------------------------------------------------- run
-def load_model(model_name: str, size: str, device: torch.device, dtype):
+def load_model(model_name: str, size: str, device: torch.device, dtype, arch: str = "llama"):
     """``(model, vocab size, token source)``; the token source is None for random ids."""
     if model_name == "smollm2":
         from smollm2 import load_smollm2
@@ -363,6 +369,8 @@ def load_model(model_name: str, size: str, device: torch.device, dtype):
         )
         model = model.to(device).eval()
         return model, int(model.config.get_text_config().vocab_size), None
+    if arch == "qwen3_5":
+        return tiny_qwen3_5(size, device=device, dtype=dtype), 4096, None
     return tiny_llama(size, device=device, dtype=dtype), 4096, None
 
 
@@ -646,8 +654,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {MODES}")
 
     t_start = time.perf_counter()
-    model, vocab, token_source = load_model(model_name, size, device, dtype)
-    label = model_label(model_name, size)
+    model, vocab, token_source = load_model(model_name, size, device, dtype, args.arch)
+    label = model_label(model_name, size) + ("" if args.arch == "llama" else f" ({args.arch})")
     wl_kwargs = dict(PRESETS[preset])
     if args.sessions:
         wl_kwargs["sessions"] = args.sessions
@@ -678,6 +686,7 @@ def main(argv=None) -> int:
     tag = "bench_agent" + ("" if preset == "default" else f"_{preset}")
     if model_name != DEFAULT_MODEL.get(preset, "tiny"):
         tag += "_" + (model_name if model_name in ("smollm2", "tiny") else "custom")
+    tag += "" if args.arch == "llama" else f"_{args.arch}"
     tag += "_nosharing" if args.no_sharing else ""
     json_path, png_path = output_paths(args, tag)
 

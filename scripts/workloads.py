@@ -46,6 +46,7 @@ __all__ = [
     "tiny_llama",
     "environment",
     "MODEL_SIZES",
+    "tiny_qwen3_5",
 ]
 
 RESERVED_IDS = 3  # token ids 0-2 (pad, bos, eos) are never drawn
@@ -334,6 +335,43 @@ def tiny_llama(size: str = "quick", device="cpu", dtype=None, vocab_size: int = 
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def tiny_qwen3_5(size: str = "quick", device="cpu", dtype=None, vocab_size: int = 4096, seed: int = 0):
+    """A random-weight Qwen3.5 text model (gated DeltaNet + full attention, 3 linear layers per full
+    one, as the released models), sized like :func:`tiny_llama`; eos disabled."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
+
+    hidden, layers, heads, kv_heads, inter = MODEL_SIZES[size]
+    layers = max(4, layers // 4 * 4)
+    head_dim = hidden // heads
+    config = Qwen3_5TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+        * (layers // 4),
+        linear_num_key_heads=heads // 2,
+        linear_num_value_heads=heads,
+        linear_key_head_dim=head_dim,
+        linear_value_head_dim=head_dim,
+        max_position_embeddings=65536,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.to(device=device, dtype=dtype).eval()

@@ -7,6 +7,8 @@ The transformers versions this was tested with are ``TESTED_TRANSFORMERS``; outs
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -25,6 +27,8 @@ __all__ = [
     "is_config",
     "is_passive_hook",
     "offloaded_weights",
+    "own_tensors",
+    "peft_loaded",
     "refuses_outside_caches",
     "remove_forward_hooks",
     "replicated_layer_class",
@@ -53,6 +57,15 @@ def is_config(value) -> bool:
 
 
 # ---------------------------------------------------------------------------- torch hooks
+def own_tensors(module: nn.Module):
+    """``(name, tensor)`` of the parameters and buffers registered on ``module`` itself (not its
+    children; torch's private dicts: one pass over the modules finds every weight)."""
+    for store in (module._parameters, module._buffers):
+        for name, t in store.items():
+            if t is not None:
+                yield name, t
+
+
 def forward_hooks(module: nn.Module) -> list:
     """The forward pre-hooks and hooks registered on ``module`` (torch's private hook dicts)."""
     return [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
@@ -107,6 +120,11 @@ def offloaded_weights(model: nn.Module, rename=lambda name: name) -> dict[str, t
 
 
 # ---------------------------------------------------------------------------- PEFT
+def peft_loaded() -> bool:
+    """Whether PEFT was imported (if not, no module can be a PEFT adapter layer)."""
+    return "peft" in sys.modules
+
+
 def unwrap_model(model):
     """The transformers model inside a PEFT wrapper (``PeftModel``, ``PeftMixedModel``), else ``model``.
 

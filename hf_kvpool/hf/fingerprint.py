@@ -23,6 +23,7 @@ change K/V in ways no attribute shows, so the caller computes without the pool w
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from collections import OrderedDict
@@ -93,10 +94,13 @@ def _stable(value) -> str:
     return type(value).__qualname__ if " at 0x" in text else text
 
 
+def _fields(config) -> dict:
+    return {k: v for k, v in vars(config).items() if k not in _OUTPUT_ONLY}
+
+
 def config_text(config) -> str:
     """Every field of ``config`` (sub-configs included) that may change K/V, as stable text."""
-    fields = {k: v for k, v in vars(config).items() if k not in _OUTPUT_ONLY}
-    return type(config).__qualname__ + _stable(fields)
+    return type(config).__qualname__ + _stable(_fields(config))
 
 
 @dataclass
@@ -134,6 +138,7 @@ class ModelFingerprint:
         self._digests: dict[int, tuple[weakref.ref, int, int, bytes]] = {}
         self._memo: OrderedDict[tuple, bytes] = OrderedDict()
         self._adapter_layout: tuple | None = None  # adapter layer paths and merged adapters
+        self._config: tuple[dict, str] | None = None  # (a copy of the config's fields, their text)
         self.hashed_tensors = 0  # tensors hashed so far (tests check the per-call cost)
 
     def _alive(self) -> torch.nn.Module:
@@ -145,14 +150,17 @@ class ModelFingerprint:
     def scan(self) -> Scan:
         """One pass over the model's modules and weights: attribute reads, no tensor hashing."""
         model = self._alive()
+        peft = compat.peft_loaded()  # no PEFT imported: no adapter layer can exist
         inactive: set[int] = set()  # ids of weights of adapters that do not take part
-        adapters, layout = [], []
+        adapters, layout, named = [], [], []
         foreign = [f"(global): {name}" for name in compat.global_forward_hooks()]
-        for path, module in model.named_modules():
+        for path, module in model.named_modules(remove_duplicate=False):
+            prefix = f"{path}." if path else ""
+            named.extend((prefix + name, t) for name, t in compat.own_tensors(module))
             for hook in compat.forward_hooks(module):
                 if hook not in self._own_hooks and not compat.is_passive_hook(hook):
                     foreign.append(f"{path or type(model).__name__}: {getattr(hook, '__qualname__', hook)}")
-            state = compat.adapter_state(module)
+            state = compat.adapter_state(module) if peft else None
             if state is None:
                 continue
             disabled, active, merged, extras, containers = state
@@ -168,18 +176,19 @@ class ModelFingerprint:
             if used or merged:  # an idle adapter layer computes what the plain layer computes
                 settings = tuple((a, _stable(extras.get(a))) for a in used)
                 adapters.append((compat.canonical_name(path), disabled, used, merged, settings))
-        tensors = [
-            (compat.canonical_name(name), t)
-            for name, t in (
-                *model.named_parameters(remove_duplicate=False),
-                *model.named_buffers(remove_duplicate=False),
-            )
-            if id(t) not in inactive
-        ]
+        tensors = [(compat.canonical_name(name), t) for name, t in named if id(t) not in inactive]
         tensors.sort(key=lambda item: item[0])
+        return Scan(tensors, tuple(adapters), tuple(layout), self._config_text(model), foreign)
+
+    def _config_text(self, model) -> str:
+        """``config_text`` of the model's config, computed again only when a field changed."""
         config = getattr(model, "config", None)
-        config = "" if config is None else config_text(config)
-        return Scan(tensors, tuple(adapters), tuple(layout), config, foreign)
+        if config is None:
+            return ""
+        fields = _fields(config)
+        if self._config is None or self._config[0] != fields:
+            self._config = (copy.deepcopy(fields), config_text(config))
+        return self._config[1]
 
     def digest(self, scan: Scan | None = None) -> bytes:
         """The current digest (16 bytes); tensors are hashed only when they changed."""
