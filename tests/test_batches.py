@@ -125,8 +125,7 @@ def test_a_catch_up_for_a_few_tokens_does_not_pay(llama):
     assert reused == [16, 16] and computed == 2 * 24
 
 
-def test_hybrid_group_with_aligned_rows():
-    torch.set_num_threads(1)
+def test_hybrid_group_with_aligned_rows(one_thread):
     model = zoo.build("qwen3_next")
     pool = KVPool(block_size=BS)
     ids = zoo.prompt(70, seed=12).repeat(3, 1)
@@ -135,8 +134,7 @@ def test_hybrid_group_with_aligned_rows():
     assert computed <= 70 + 3 * BS
 
 
-def test_hybrid_rows_whose_padding_does_not_line_up_are_computed_in_full():
-    torch.set_num_threads(1)
+def test_hybrid_rows_whose_padding_does_not_line_up_are_computed_in_full(one_thread):
     model = zoo.build("qwen3_next")
     pool = KVPool(block_size=BS)
     long, short = zoo.prompt(60, seed=13), zoo.prompt(41, seed=14)
@@ -149,3 +147,13 @@ def test_hybrid_rows_whose_padding_does_not_line_up_are_computed_in_full():
     # but both rows' prefixes went to the pool: alone, the short one now reuses
     _, reused = pooled_prefill(model, torch.cat([short, zoo.prompt(3, seed=15)], dim=1), pool)
     assert reused == [32]
+
+
+def test_all_recurrent_group_catches_up_once(one_thread):
+    """Mamba-2 (no attention, no K/V: checkpoints only) in a group of identical rows."""
+    model = zoo.build("mamba2")
+    pool = KVPool(block_size=BS)
+    ids = zoo.prompt(50, seed=16).repeat(4, 1)
+    computed, reused = pooled_prefill(model, ids, pool)
+    assert reused == [48] * 4
+    assert computed <= 50 + 4 * BS

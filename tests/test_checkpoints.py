@@ -18,12 +18,7 @@ from hf_kvpool import KVPool, PooledCache
 BS = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=["qwen3_next", "mamba2"])
@@ -122,3 +117,21 @@ def test_redis_tier_carries_checkpoints(model):
         run(model, zoo.prompt(9, seed=18), reader, max_new_tokens=1)  # lays out its storage
         _, reused = run(model, torch.cat([first, zoo.prompt(4, seed=19)], dim=1), reader)
         assert reused == [24] and reader.stats().remote_hit_blocks == 3
+
+
+def test_left_padded_batch_split_at_a_common_boundary(model):
+    """Rows whose padding lines up on blocks: the prefill splits at their common boundary (the
+    second forward spans several columns, with the padding mask cut to match) and checkpoints both."""
+    pool = KVPool(block_size=BS)
+    long, short = zoo.prompt(40, seed=20), zoo.prompt(24, seed=21)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 16, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(ids)
+    mask[1, :16] = 0
+    cache = PooledCache(model, pool=pool)
+    out = generate(model, ids, cache, attention_mask=mask, max_new_tokens=3)
+    assert_same(reference(model, ids, attention_mask=mask, max_new_tokens=3), out)
+    # the split at column 32 (the long row's 32, the short one's 16), then the prefill's end at 40
+    # (40 and 24): every one on a block boundary of its row
+    assert pool.stats().stored_checkpoints == 4
+    _, reused = run(model, torch.cat([short, zoo.prompt(2, seed=22)], dim=1), pool)
+    assert reused == [24]

@@ -207,6 +207,7 @@ def test_unsupported_layer_kind_falls_back_with_one_warning(monkeypatch):
     with pytest.warns(UserWarning, match="cannot reuse K/V: its cache layer 0 is a DynamicLayer"):
         out = generate(model, ids, PooledCache())
     assert_same(ref, out)
+    assert hf_kvpool.get_pool(model).stats().capacity_bytes == 0  # found before any storage
 
 
 def test_mamba1_model_reuses_one_token_at_a_time(monkeypatch):
@@ -223,11 +224,17 @@ def test_mamba1_model_reuses_one_token_at_a_time(monkeypatch):
     ids = prompt(22, 14)
     out, _ = pooled(model, ids, pool, max_new_tokens=6)
     ext = torch.cat([out.sequences, prompt(3, 15)], dim=1)  # 31 tokens; the last call reached 26
-    _, cache = pooled(model, ext, pool)
-    assert cache.reused_tokens == [0]  # 6 one-token forwards cost more than recomputing 24 tokens
-    monkeypatch.setattr(catchup, "FORWARD_COST_TOKENS", 1)  # a device where forwards are cheap
+    monkeypatch.setitem(catchup.FORWARD_COST_TOKENS, "cpu", 1)  # a device where forwards are cheap
     _, cache = pooled(model, ext, pool)
     assert cache.reused_tokens == [24]  # the checkpoint at the last block boundary it decoded past
+    monkeypatch.undo()  # this CPU: a forward costs 16 token positions
+    _, cache = pooled(model, ext, pool)
+    assert cache.reused_tokens == [0]  # 2 one-token forwards cost more than recomputing 28 tokens
+    fresh = KVPool(block_size=BS)
+    _, cache = pooled(model, ext, fresh)  # from an empty state: the prefill splits at 28 ...
+    monkeypatch.setitem(catchup.FORWARD_COST_TOKENS, "cpu", 1)
+    _, cache = pooled(model, ext, fresh)
+    assert cache.reused_tokens == [28]  # ... and puts a checkpoint there
 
 
 @pytest.mark.parametrize("offload", ["cpu_offload", "disk"])

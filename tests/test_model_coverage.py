@@ -19,13 +19,7 @@ from hf_kvpool.hf.enable import model_state
 BS = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: several threads only contend for this machine's cores (10-40x slower measured)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def turn(model, ids, pool, **kwargs):
@@ -43,7 +37,7 @@ def test_three_turns_reuse_every_full_block(model_type, monkeypatch):
     if model_state_of(model).single_steps:
         # Mamba-1 mixers continue one token per forward after a restore; the cost model would
         # recompute these short prompts instead (tests/test_integration.py checks that choice)
-        monkeypatch.setattr(catchup, "FORWARD_COST_TOKENS", 1)
+        monkeypatch.setitem(catchup.FORWARD_COST_TOKENS, "cpu", 1)
     pool = KVPool(block_size=BS)
     ids, held = zoo.prompt(21, seed=1), 0
     for n in range(3):

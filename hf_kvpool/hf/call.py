@@ -190,22 +190,23 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
         )
     if any(pads) and not state.pad_invariant:
         max_columns = 0  # the model's state depends on the padding (the tracker pools no padded row either)
+    restorable = max_columns
     if state.single_steps and max_columns > 0:
-        max_columns = _single_step_limit(pool, state, chains, pads, length, max_columns, input_ids.device)
+        restorable = _single_step_limit(pool, state, chains, pads, length, max_columns, input_ids.device)
     if max_columns > 0:
         for row, target in catchup.plan(
             pool, state, chains, pads, tokens, length, max_columns, input_ids.device
         ):
             _catch_up(module, cache, state, tokens[row][: target + 1], input_ids.device)
     columns = _restore(
-        cache, state, pool, chains, pads, tokens, max_columns, namespace, length, not call.internal
+        cache, state, pool, chains, pads, tokens, restorable, namespace, length, not call.internal
     )
     call.reused_tokens = [max(0, columns - p) for p in pads]
     call.tracker = CallTracker(pool, namespace, cache, state.kinds, pads, tokens, chains, columns)
 
     start = columns
     for stop in _pieces(state, pads, pool.block_size, columns, length, max_columns):
-        _forward_piece(module, call, kwargs, input_ids, start, stop, length)
+        _forward_piece(module, state, call, kwargs, input_ids, start, stop, length)
         if call.tracker is None:  # committing failed: the call goes on as with DynamicCache
             break
         start = stop
@@ -218,11 +219,17 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
         args = (input_ids[:, -keep:], *args[1:])
     else:
         kwargs["input_ids"] = input_ids[:, -keep:]
-    for name in _PER_TOKEN_KWARGS:
+    for name in _per_token_kwargs(state):
         value = kwargs.get(name)
         if isinstance(value, torch.Tensor) and value.shape[-1] == length:
             kwargs[name] = value[..., -keep:]
     return args, kwargs
+
+
+def _per_token_kwargs(state: ModelState) -> tuple[str, ...]:
+    """Inputs cut with ``input_ids``. The 2D mask spans past and new columns for attention; models
+    without attention (Mamba) multiply their inputs by it, so it spans the new columns only."""
+    return _PER_TOKEN_KWARGS if state.attends else (*_PER_TOKEN_KWARGS, "attention_mask")
 
 
 def _namespace(pool: KVPool, fingerprint: bytes, salt: str | bytes | None) -> bytes:
@@ -250,8 +257,10 @@ def _catch_up(module, cache, state: ModelState, tokens, device) -> None:
     call.bind(state)
     call.generate_started()
     call.internal = True
-    positions = torch.arange(ids.shape[1], device=device).unsqueeze(0)
-    module(input_ids=ids, position_ids=positions, cache=scratch, use_cache=True, logits_to_keep=1)
+    inputs = dict(input_ids=ids, cache=scratch, use_cache=True, logits_to_keep=1)
+    if state.attends:
+        inputs["position_ids"] = torch.arange(ids.shape[1], device=device).unsqueeze(0)
+    module(**inputs)
 
 
 def _restore(cache, state, pool, chains, pads, tokens, max_columns, namespace, length, count: bool) -> int:
@@ -299,27 +308,31 @@ def _pieces(
     """
     if not state.checkpointed or max_columns <= 0:
         return []
-    if state.single_steps:
-        return list(range(start + 1, length)) if start > 0 else []
     # the column where the most rows end a block (the largest on ties), before the last token
     candidates = [p + (length - 1 - p) // bs * bs for p in pads]
     stop = max(candidates, key=lambda c: (sum((c - p) % bs == 0 for p in pads), c))
-    return [stop] if start < stop <= max_columns else []
+    pieces = [stop] if start < stop <= max_columns else []
+    if state.single_steps:
+        # one multi-token forward only from an empty state; from a state on, one token per forward
+        if start > 0:
+            return list(range(start + 1, length))
+        return pieces + list(range(stop + 1, length)) if pieces else []
+    return pieces
 
 
 def _forward_piece(
-    module, call: CallState, kwargs: dict, input_ids, start: int, stop: int, length: int
+    module, state: ModelState, call: CallState, kwargs: dict, input_ids, start: int, stop: int, length: int
 ) -> None:
     """Run columns ``[start, stop)`` of the prefill through the model with this cache, then commit."""
     piece = {k: v for k, v in kwargs.items() if k not in ("input_ids", "labels")}
     piece["input_ids"] = input_ids[:, start:stop]
-    for name in _PER_TOKEN_KWARGS:
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        piece["attention_mask"] = mask[:, : mask.shape[1] - (length - stop)]  # past and new columns
+    for name in _per_token_kwargs(state):
         value = kwargs.get(name)
         if isinstance(value, torch.Tensor) and value.shape[-1] == length:
             piece[name] = value[..., start:stop]
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor):
-        piece["attention_mask"] = mask[:, : mask.shape[1] - (length - stop)]
     piece["logits_to_keep"] = 1
     call.inner = True
     try:
