@@ -655,7 +655,9 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     model, vocab, token_source = load_model(model_name, size, device, dtype, args.arch)
-    label = model_label(model_name, size) + ("" if args.arch == "llama" else f" ({args.arch})")
+    label = model_label(model_name, size)
+    if args.arch != "llama":
+        label = label.replace("tiny_llama", f"tiny_{args.arch}")
     wl_kwargs = dict(PRESETS[preset])
     if args.sessions:
         wl_kwargs["sessions"] = args.sessions

@@ -356,6 +356,7 @@ def plot(summaries: dict, path: Path) -> None:
                 va="bottom",
             )
         ax.set_title(f"{name}: prompt tokens/s")
+        ax.set_ylim(0, 1.15 * max(summary[m]["prompt_tokens_per_s"] for m in modes))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

@@ -53,7 +53,7 @@ def checkpoint_bytes(model, context: int) -> dict[int, int]:
 
 def reuse_check(model) -> tuple[int, bool]:
     pool = KVPool(block_size=BS)
-    ids = zoo.prompt(70, seed=2)
+    ids = zoo.prompt(300, seed=2)
     mask = torch.ones_like(ids)
     model.generate(ids, attention_mask=mask, cache=PooledCache(model, pool=pool), max_new_tokens=1)
     ext = torch.cat([ids, zoo.prompt(4, seed=3)], dim=1)
@@ -100,7 +100,7 @@ def row(model_type: str) -> dict:
 def table(rows: list[dict]) -> str:
     lines = [
         "| model type | cache layers (kind per layer) | per token, in blocks | per boundary, checkpointed | "
-        "checkpoint bytes per layer at 1k / 8k tokens | reused of 74 (equal to DynamicCache) |",
+        "checkpoint bytes per layer at 1k / 8k tokens | reused of 304 (equal to DynamicCache) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -145,8 +145,8 @@ same families on every CI run: three turns and a left-padded batch each, identic
 - *per boundary*: state that holds at one token boundary (conv windows, recurrent states, V4's compressor
   buffer and overlap), kept as checkpoints attached to the block that ends there. Its size does not depend on
   the context: checkpoint bytes after 1k and 8k tokens are {"equal for every family" if equal else "NOT equal"}.
-- *reused*: a 70-token prompt, then the same prompt plus 4 tokens: the tokens the second call took from the
-  pool (64 = every full block of the first call), and whether its tokens and logits (within 1e-4) equal
+- *reused*: a 300-token prompt, then the same prompt plus 4 tokens: the tokens the second call took from the
+  pool (288 = every full block of the first call), and whether its tokens and logits (within 1e-4) equal
   DynamicCache's. MiniMax v1 (`minimax`) takes no cache but its own in generate(): `PooledCache(model)`
   says so and raises; it is the one family without reuse.
 

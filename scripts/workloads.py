@@ -309,6 +309,7 @@ MODEL_SIZES = {
     "quick": (256, 4, 4, 2, 768),
     "default": (384, 6, 6, 2, 1024),
 }
+_COMMON = dict(max_position_embeddings=65536, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
 def tiny_llama(size: str = "quick", device="cpu", dtype=None, vocab_size: int = 4096, seed: int = 0):
@@ -316,7 +317,6 @@ def tiny_llama(size: str = "quick", device="cpu", dtype=None, vocab_size: int = 
 
     EOS is disabled in its generation config, so every call generates exactly ``max_new_tokens``.
     """
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers, heads, kv_heads, inter = MODEL_SIZES[size]
@@ -327,23 +327,14 @@ def tiny_llama(size: str = "quick", device="cpu", dtype=None, vocab_size: int = 
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=65536,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **_COMMON,
     )
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.to(device=device, dtype=dtype).eval()
+    return _build(LlamaForCausalLM, config, device, dtype, seed)
 
 
 def tiny_qwen3_5(size: str = "quick", device="cpu", dtype=None, vocab_size: int = 4096, seed: int = 0):
     """A random-weight Qwen3.5 text model (gated DeltaNet + full attention, 3 linear layers per full
     one, as the released models), sized like :func:`tiny_llama`; eos disabled."""
-    import torch
     from transformers import AutoModelForCausalLM
     from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5TextConfig
 
@@ -364,14 +355,18 @@ def tiny_qwen3_5(size: str = "quick", device="cpu", dtype=None, vocab_size: int 
         linear_num_value_heads=heads,
         linear_key_head_dim=head_dim,
         linear_value_head_dim=head_dim,
-        max_position_embeddings=65536,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **_COMMON,
     )
+    return _build(AutoModelForCausalLM.from_config, config, device, dtype, seed)
+
+
+def _build(make, config, device, dtype, seed: int):
+    """Random weights from ``seed``, sdpa attention, EOS disabled, eval mode."""
+    import torch
+
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = make(config)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.to(device=device, dtype=dtype).eval()
