@@ -72,7 +72,8 @@ def test_num_return_sequences_computes_the_prompt_once(llama):
         out = generate(llama, ids, cache, max_new_tokens=1, do_sample=True, num_return_sequences=4, seed=7)
     assert_same(reference(llama, ids, max_new_tokens=1, do_sample=True, num_return_sequences=4, seed=7), out)
     assert seen[0] <= 64 + 4 * BS
-    assert cache.reused_tokens == [48] * 4
+    # the prompt once (all but its last token, in a catch-up), then one column per row
+    assert seen[0] == 63 + 4 and cache.reused_tokens == [63] * 4
 
 
 def test_a_grpo_group_computes_the_prompt_once(llama):
@@ -80,11 +81,17 @@ def test_a_grpo_group_computes_the_prompt_once(llama):
     ids = prompt(80, 5).repeat(6, 1)
     computed, reused = pooled_prefill(llama, ids, pool)
     assert computed <= 80 + 6 * BS
-    assert reused == [64] * 6
-    # sampled completions of the group, a whole generate(): identical to DynamicCache
+    assert computed == 79 + 6 and reused == [79] * 6
+    # sampled completions of a new group, a whole generate(): identical to DynamicCache
+    ids = prompt(90, 12).repeat(6, 1)
     cache = PooledCache(llama, pool=pool)
-    out = generate(llama, ids, cache, max_new_tokens=6, do_sample=True, seed=3)
-    assert_same(reference(llama, ids, max_new_tokens=6, do_sample=True, seed=3), out)
+    out = generate(llama, ids, cache, max_new_tokens=12, do_sample=True, seed=3)
+    assert_same(reference(llama, ids, max_new_tokens=12, do_sample=True, seed=3), out)
+    assert cache.reused_tokens == [89] * 6
+    # the blocks each completion finished while decoding were committed (tokens 80-95 of row 2)
+    follow = torch.cat([out.sequences[2:3], prompt(5, 13)], dim=1)  # 107 tokens
+    _, reused = pooled_prefill(llama, follow, pool)
+    assert reused == [96]
 
 
 def test_beam_search_expansion_is_computed_once(llama):
@@ -94,8 +101,9 @@ def test_beam_search_expansion_is_computed_once(llama):
     with counting(llama) as seen:
         out = generate(llama, ids, cache, max_new_tokens=4, num_beams=3, num_return_sequences=2)
     assert_same(reference(llama, ids, max_new_tokens=4, num_beams=3, num_return_sequences=2), out)
-    assert cache.reused_tokens == [48] * 3
+    assert cache.reused_tokens == [49] * 3
     assert seen[0] <= 50 + 3 * BS + 3 * 3  # prefill, then 3 beams x 3 decode steps
+    assert seen[0] == 49 + 3 + 3 * 3
 
 
 def test_left_padded_rows_at_different_turns(llama):
@@ -157,3 +165,30 @@ def test_all_recurrent_group_catches_up_once(one_thread):
     computed, reused = pooled_prefill(model, ids, pool)
     assert reused == [48] * 4
     assert computed <= 50 + 4 * BS
+
+
+@pytest.mark.parametrize("capacity", ["unlimited", "two-blocks"])
+def test_whole_rows_of_two_groups_with_padding(llama, capacity):
+    """Two groups, left-padded to one length: every distinct row catches up to its last token but
+    one, the batch computes one column per row. With a pool of two blocks the catch-ups' blocks are
+    evicted before the batch reads them: its columns come from the catch-up caches instead."""
+    probe = KVPool(block_size=BS)
+    pooled_prefill(llama, prompt(20, 1), probe)
+    per_block = probe.stats().capacity_bytes // probe.stats().capacity_blocks
+    pool = KVPool(block_size=BS, capacity_bytes=2 * per_block if capacity == "two-blocks" else None)
+    a, b = prompt(70, 14), prompt(60, 15)
+    ids = torch.cat([a, a, torch.cat([torch.zeros(1, 10, dtype=torch.long), b], dim=1).repeat(2, 1)])
+    mask = torch.ones_like(ids)
+    mask[2:, :10] = 0
+    cache = PooledCache(llama, pool=pool)
+    with counting(llama) as seen:
+        out = generate(llama, ids, cache, attention_mask=mask, max_new_tokens=20)
+    assert_same(reference(llama, ids, attention_mask=mask, max_new_tokens=20), out)
+    assert cache.reused_tokens == [69, 69, 59, 59]
+    assert seen[0] == 69 + 59 + 4 + 4 * 19  # two catch-ups, one column per row, 19 decode steps
+    pool._device.manager.check()
+    if capacity == "unlimited":
+        # what the batch computed and decoded was committed: alone, row 2 reuses its full blocks
+        follow = torch.cat([out.sequences[2:3, 10:], prompt(3, 16)], dim=1)  # 82 tokens, 79 cached
+        _, reused = pooled_prefill(llama, follow, pool)
+        assert reused == [64]

@@ -184,6 +184,13 @@ class KVPool:
                 for ids in matched:
                     manager.unpin(ids)
 
+    def count_hits(self, tokens: int) -> None:
+        """Count ``tokens`` more prompt tokens as hits in :meth:`stats`: tokens a caller's prompt took
+        without computing them beyond what :meth:`fetch` served (a batch row copied from an identical
+        row that was computed just before it, whose blocks the pool may have evicted since)."""
+        with self._lock:
+            self._hit_tokens += tokens
+
     def reusable_tokens(self, chains: list[Chain], checkpointed: bool = False) -> list[int]:
         """Per row, how many leading tokens the device pool could serve now (a hint: nothing is pinned)."""
         with self._lock:

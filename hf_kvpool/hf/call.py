@@ -193,16 +193,30 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
     restorable = max_columns
     if state.single_steps and max_columns > 0:
         restorable = _single_step_limit(pool, state, chains, pads, length, max_columns, input_ids.device)
+    jobs, whole = [], False
     if max_columns > 0:
-        for row, target in catchup.plan(
-            pool, state, chains, pads, tokens, length, max_columns, input_ids.device
-        ):
-            _catch_up(module, cache, state, tokens[row][: target + 1], input_ids.device)
-    columns = _restore(
+        jobs, whole = catchup.plan(pool, state, chains, pads, tokens, length, max_columns, input_ids.device)
+    scratches = {
+        row: _catch_up(module, cache, state, tokens[row][: target + 1], input_ids.device)
+        for row, target in jobs
+    }
+    pooled, streams, states = _fetch(
         cache, state, pool, chains, pads, tokens, restorable, namespace, length, not call.internal
     )
+    columns = pooled
+    if whole:  # every row's columns up to its last token: the pool's, then its catch-up's
+        columns = catchup.fill(state, cache, streams, pooled, pads, tokens, scratches, length)
+        if not call.internal:
+            pool.count_hits(sum(max(0, columns - p) - max(0, pooled - p) for p in pads))
+    if columns > 0:
+        for i, kind in enumerate(state.kinds):
+            kind.restore(cache, i, streams[i], columns, states[i])
     call.reused_tokens = [max(0, columns - p) for p in pads]
-    call.tracker = CallTracker(pool, namespace, cache, state.kinds, pads, tokens, chains, columns)
+    call.tracker = CallTracker(pool, namespace, cache, state.kinds, pads, tokens, chains, pooled)
+    if columns > pooled:  # the tracker commits what the pool did not serve (it may have been evicted)
+        for i, layer_streams in streams.items():
+            call.tracker.record(i, {n: t[:, :, pooled:columns] for n, t in layer_streams.items()})
+        call.tracker.reach(columns)
 
     start = columns
     for stop in _pieces(state, pads, pool.block_size, columns, length, max_columns):
@@ -248,9 +262,9 @@ def _single_step_limit(pool, state, chains, pads, length, max_columns, device) -
     return max_columns if (length - 1 - hint) * catchup.forward_cost(device) < hint else 0
 
 
-def _catch_up(module, cache, state: ModelState, tokens, device) -> None:
-    """Put one row's tokens (all but the last computed) in the pool: a prefill of its own, on a
-    scratch cache of the same kind that restores what the pool has and commits the rest."""
+def _catch_up(module, cache, state: ModelState, tokens, device):
+    """Put one row's tokens in the pool: a prefill of its own, on a scratch cache of the same kind
+    that restores what the pool has and commits the rest; returns that cache."""
     ids = torch.as_tensor(tokens, device=device).unsqueeze(0)
     scratch = type(cache)(pool=cache.pool, salt=cache.salt)
     call = _find_call({"cache": scratch})[1]
@@ -261,12 +275,16 @@ def _catch_up(module, cache, state: ModelState, tokens, device) -> None:
     if state.attends:
         inputs["position_ids"] = torch.arange(ids.shape[1], device=device).unsqueeze(0)
     module(**inputs)
+    return scratch
 
 
-def _restore(cache, state, pool, chains, pads, tokens, max_columns, namespace, length, count: bool) -> int:
-    """Fill the empty cache with the leading columns every row can take; returns how many."""
+def _fetch(cache, state, pool, chains, pads, tokens, max_columns, namespace, length, count: bool):
+    """The leading columns every row can take from the pool: their number, and per layer the
+    gathered streams and checkpoint state (name -> tensor)."""
+    streams: dict[int, dict] = {i: {} for i in range(len(cache.layers))}
+    states: dict[int, dict] = {i: {} for i in range(len(cache.layers))}
     if max_columns <= 0:
-        return 0
+        return 0, streams, states
     layout = pool.layout
     room = None
     if layout is not None:
@@ -280,21 +298,17 @@ def _restore(cache, state, pool, chains, pads, tokens, max_columns, namespace, l
         )
     except Exception as exc:  # a failed gather (e.g. out of memory): compute everything
         warn_once(f"reading the pool failed ({type(exc).__name__}: {exc})")
-        return 0
+        return 0, streams, states
     if fetched.columns == 0:
-        return 0
+        return 0, streams, states
     layout = pool.layout
-    streams: dict[int, dict] = {i: {} for i in range(len(cache.layers))}
     for spec, t in zip(layout[0], fetched.streams):
         index, what = split_name(spec.name)
         streams[index][what] = t
-    states: dict[int, dict] = {i: {} for i in range(len(cache.layers))}
     for spec, t in zip(layout[1], fetched.states or ()):
         index, what = split_name(spec.name)
         states[index][what] = t
-    for i, kind in enumerate(state.kinds):
-        kind.restore(cache, i, streams[i], fetched.columns, states[i])
-    return fetched.columns
+    return fetched.columns, streams, states
 
 
 def _pieces(

@@ -45,6 +45,11 @@ class ModelState:
         return all(kind.pad_invariant for kind in self.kinds)
 
     @property
+    def keeps_tokens(self) -> bool:
+        """Every layer holds all its tokens' streams (a batch may copy rows from other caches)."""
+        return all(kind.keeps_tokens for kind in self.kinds)
+
+    @property
     def model(self) -> torch.nn.Module:
         return self.model_ref()
 

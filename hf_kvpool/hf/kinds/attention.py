@@ -35,6 +35,7 @@ class FullAttention(LayerKind):
 
     name = "full attention"
     layer_types = (DynamicLayer, AppendLayer)
+    keeps_tokens = True
 
     def prepare(self, layer):
         return AppendLayer() if type(layer) is DynamicLayer and not layer.is_initialized else layer
@@ -44,6 +45,9 @@ class FullAttention(LayerKind):
 
     def room(self, layer, columns):
         return columns + spare_columns(columns) if isinstance(layer, AppendLayer) else 0
+
+    def tokens_of(self, layer):
+        return {"keys": layer.keys, "values": layer.values}
 
     def restore(self, cache, index, streams, columns, state):
         layer = cache.layers[index]
@@ -97,3 +101,7 @@ class SharedKV(LayerKind):
     name = "shared-KV / no cache"
     layer_types = (DummyLayer,)
     attends = False
+    keeps_tokens = True  # nothing to keep
+
+    def tokens_of(self, layer):
+        return {}

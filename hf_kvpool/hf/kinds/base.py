@@ -4,6 +4,8 @@ A :class:`LayerKind` describes one family of transformers cache layers:
 
 - which *streams* it records: per-token tensors ``[B, H, n, D]`` that the model hands the cache
   (``update()``'s keys and values, an indexer's keys...), pooled in blocks;
+- whether the layer itself keeps every token's streams (``keeps_tokens``), so a batch can copy a
+  row from another cache of the same model;
 - which streams it *derives* from its own state at commit time instead (entries a layer keeps
   for the whole sequence anyway, like DeepSeek-V4's compressed entries);
 - whether it holds *state* at a token boundary that cannot be rebuilt from per-token tensors
@@ -39,6 +41,7 @@ class LayerKind:
         True  # a left-padded row holds what the same row unpadded holds (else no pooling with pads)
     )
     derives = False  # has streams built by ``derived`` at commit time
+    keeps_tokens = False  # the layer holds every token's streams (``tokens_of``), as recorded
 
     def prepare(self, layer):
         """The layer a PooledCache uses in place of ``layer`` (an empty one of the same kind)."""
@@ -47,6 +50,10 @@ class LayerKind:
     def record(self, method: str, args: tuple) -> dict[str, torch.Tensor]:
         """The streams in a call to ``cache.<method>(*args, layer_idx)``: name -> ``[B, H, n, D]``."""
         return {}
+
+    def tokens_of(self, layer) -> dict[str, torch.Tensor]:
+        """Every token's streams as the layer holds them, ``[B, H, n, D]`` (``keeps_tokens`` kinds)."""
+        raise NotImplementedError(f"{self.name} layers do not keep every token")
 
     def derived(self, layer, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Streams for columns ``[start, stop)`` built from the layer's own state (``derives`` kinds)."""
