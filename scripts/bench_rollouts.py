@@ -12,6 +12,8 @@ rotates), on the same prompts:
     a tool result to its history and generates the next answer (greedy). Weights do not change.
 
 Modes: ``stateless`` (a DynamicCache per call), ``pooled`` (a PooledCache per call, one KVPool),
+``pooled-blocks`` (the same with whole rows off, ``hf_kvpool.hf.catchup.WHOLE_ROWS``: batches start
+at a common block boundary; its own KVPool),
 ``hf-cb`` (transformers' continuous batching with block sharing, the batch submitted at once;
 its manager is rebuilt after each weight update so it cannot serve stale blocks).
 
@@ -21,7 +23,7 @@ emptied at each weight update, serving every row's full blocks but its last toke
 generated tokens per second of generate() time, and time to first token of the batch. Pooled
 outputs are checked token for token against stateless.
 
-    python scripts/bench_rollouts.py            # ~5 min on 2 CPU cores; JSON + PNG in results/
+    python scripts/bench_rollouts.py            # ~5 min on 2 CPU cores; JSON + PNG in results/ (--out DIR)
     python scripts/bench_rollouts.py --quick    # < 1 min
 """
 
@@ -41,9 +43,10 @@ from transformers import DynamicCache
 from workloads import PrefixIndex, environment, tiny_llama
 
 from hf_kvpool import KVPool, PooledCache
+from hf_kvpool.hf import catchup
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("stateless", "pooled", "hf-cb")
+MODES = ("stateless", "pooled", "pooled-blocks", "hf-cb")
 PRESETS = {
     "quick": dict(
         prompts=2, group=4, system=200, task=(100, 300), steps=2, sessions=4, turns=4, result=(30, 120)
@@ -107,14 +110,15 @@ def left_pad(rows: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor
     return ids.to(device), mask.to(device)
 
 
-def run_batch(mode: str, model, rows, n_new: int, sample: bool, seed: int, pool, cb) -> dict:
-    """One batch through one mode: outputs, prefill positions, times."""
+def run_batch(mode: str, model, rows, n_new: int, sample: bool, seed: int, pools, cb) -> dict:
+    """One batch through one mode (``pools``: mode -> KVPool): outputs, prefill positions, times."""
     if mode == "hf-cb":
         return cb.run(rows, n_new, sample)
     ids, mask = left_pad(rows, model.device)
-    cache = PooledCache(model, pool=pool) if mode == "pooled" else DynamicCache(config=model.config)
+    cache = PooledCache(model, pool=pools[mode]) if mode in pools else DynamicCache(config=model.config)
     streamer = FirstToken()
     torch.manual_seed(seed)
+    catchup.WHOLE_ROWS = mode != "pooled-blocks"
     with counting(model) as seen:
         t0 = time.perf_counter()
         out = model.generate(
@@ -225,7 +229,7 @@ def update_weights(model, peft_model, step: int) -> str:
     return "lora" if peft_model else "sgd"
 
 
-def grpo(model, peft_model, args, preset, modes, pool, cb, rng) -> dict:
+def grpo(model, peft_model, args, preset, modes, pools, cb, rng) -> dict:
     vocab = model.config.vocab_size
     system = rng.integers(3, vocab, preset["system"])
     records = {m: [] for m in modes}
@@ -239,7 +243,7 @@ def grpo(model, peft_model, args, preset, modes, pool, cb, rng) -> dict:
         ideal += ideal_positions(rows, PrefixIndex(args.block_size))  # weights changed: nothing carries over
         order = modes[step % len(modes) :] + modes[: step % len(modes)]
         results = {
-            m: run_batch(m, model, rows, args.new_tokens, True, args.seed + step, pool, cb) for m in order
+            m: run_batch(m, model, rows, args.new_tokens, True, args.seed + step, pools, cb) for m in order
         }
         for m in modes:
             records[m].append(
@@ -253,7 +257,7 @@ def grpo(model, peft_model, args, preset, modes, pool, cb, rng) -> dict:
     return dict(records=records, ideal_positions=ideal, weight_update=update)
 
 
-def multiturn(model, args, preset, modes, pool, cb, rng) -> dict:
+def multiturn(model, args, preset, modes, pools, cb, rng) -> dict:
     vocab = model.config.vocab_size
     sessions = [rng.integers(3, vocab, rng.integers(200, 500)) for _ in range(preset["sessions"])]
     start = [s % (preset["turns"] // 2 + 1) for s in range(preset["sessions"])]  # staggered starts
@@ -270,7 +274,7 @@ def multiturn(model, args, preset, modes, pool, cb, rng) -> dict:
             rows.append(histories[s])
         ideal += ideal_positions(rows, index)
         order = modes[step % len(modes) :] + modes[: step % len(modes)]
-        results = {m: run_batch(m, model, rows, args.new_tokens, False, args.seed, pool, cb) for m in order}
+        results = {m: run_batch(m, model, rows, args.new_tokens, False, args.seed, pools, cb) for m in order}
         for m in modes:
             records[m].append(
                 dict(step=step, rows=len(rows), prompt_tokens=sum(map(len, rows)), **_drop(results[m]))
@@ -288,10 +292,10 @@ def _drop(result: dict) -> dict:
 
 
 def check(results: dict, name: str, step: int, sample: bool) -> None:
-    if "stateless" in results and "pooled" in results:
-        for a, b in zip(results["stateless"]["outputs"], results["pooled"]["outputs"]):
+    for mode in [m for m in results if m.startswith("pooled")] if "stateless" in results else []:
+        for a, b in zip(results["stateless"]["outputs"], results[mode]["outputs"]):
             if not np.array_equal(a, b):
-                raise SystemExit(f"{name} step {step}: pooled output differs from stateless")
+                raise SystemExit(f"{name} step {step}: {mode} output differs from stateless")
 
 
 # ---------------------------------------------------------------------------- report
@@ -345,7 +349,9 @@ def plot(summaries: dict, path: Path) -> None:
         ax.bar(
             modes,
             [summary[m]["prompt_tokens_per_s"] for m in modes],
-            color=["#999", "#2a7", "#47c"][: len(modes)],
+            color=[
+                {"stateless": "#999", "pooled": "#2a7", "pooled-blocks": "#8c8"}.get(m, "#47c") for m in modes
+            ],
         )
         for i, m in enumerate(modes):
             ax.text(
@@ -381,12 +387,12 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     model.eval()
-    pool = KVPool(block_size=args.block_size)
+    pools = {m: KVPool(block_size=args.block_size) for m in modes if m.startswith("pooled")}
     cb = ContinuousBatching(model, args.block_size, max_tokens=200_000)
     t0 = time.perf_counter()
     parts = {
-        "grpo": grpo(model, peft_model, args, preset, modes, pool, cb, rng),
-        "multiturn": multiturn(model, args, preset, modes, pool, cb, rng),
+        "grpo": grpo(model, peft_model, args, preset, modes, pools, cb, rng),
+        "multiturn": multiturn(model, args, preset, modes, pools, cb, rng),
     }
     cb.close()
     summaries = {name: summarize(part, modes) for name, part in parts.items()}
@@ -410,6 +416,15 @@ def main(argv=None) -> int:
         )
     for k, v in targets.items():
         print(f"- target {k}: {v:.3f}")
+    whole_vs_blocks = {}
+    for name, summary in summaries.items():
+        if "pooled" in summary and "pooled-blocks" in summary:
+            a, b = summary["pooled"], summary["pooled-blocks"]
+            whole_vs_blocks[name] = ratios = {
+                k: a[k] / b[k] for k in ("prefill_positions", "time_s", "mean_ttft_s")
+            }
+            print(f"- {name}, pooled (whole rows) / pooled-blocks: " + ", ".join(
+                f"{k} {v:.3f}x" for k, v in ratios.items()))  # fmt: skip
     out = Path(args.out) if args.out else REPO / "results"
     out.mkdir(parents=True, exist_ok=True)
     tag = "bench_rollouts_quick" if args.quick else "bench_rollouts"
@@ -422,6 +437,7 @@ def main(argv=None) -> int:
         weight_update=parts["grpo"]["weight_update"],
         summary=summaries,
         targets=targets,
+        whole_rows_vs_blocks=whole_vs_blocks,
         records={name: part["records"] for name, part in parts.items()},
         ideal_positions={name: part["ideal_positions"] for name, part in parts.items()},
         seconds=time.perf_counter() - t0,

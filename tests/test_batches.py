@@ -192,3 +192,14 @@ def test_whole_rows_of_two_groups_with_padding(llama, capacity):
         follow = torch.cat([out.sequences[2:3, 10:], prompt(3, 16)], dim=1)  # 82 tokens, 79 cached
         _, reused = pooled_prefill(llama, follow, pool)
         assert reused == [64]
+
+
+def test_whole_rows_off_starts_the_batch_at_a_common_boundary(llama, monkeypatch):
+    """``catchup.WHOLE_ROWS = False`` (what bench_rollouts' pooled-blocks mode measures): the group's
+    prompt is caught up to its last block boundary, then every row computes its last 16 tokens."""
+    from hf_kvpool.hf import catchup
+
+    monkeypatch.setattr(catchup, "WHOLE_ROWS", False)
+    pool = KVPool(block_size=BS)
+    computed, reused = pooled_prefill(llama, prompt(80, 5).repeat(6, 1), pool)
+    assert reused == [64] * 6 and computed == 65 + 6 * 16

@@ -29,13 +29,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["FORWARD_COST_TOKENS", "fill", "forward_cost", "plan"]
+__all__ = ["FORWARD_COST_TOKENS", "WHOLE_ROWS", "fill", "forward_cost", "plan"]
 
 # A forward's fixed cost in prefill-token equivalents, by device type: launching every layer once
 # and generate()'s per-call work. On CPUs the work per token dominates (a forward of a small model
 # costs about what 10-20 more tokens do, measured here); on GPUs a token costs almost nothing next
 # to the launches, so a forward is worth hundreds of tokens.
 FORWARD_COST_TOKENS = {"cpu": 16, "cuda": 256}
+# Whole rows may be planned (module docstring); False: batches start at a common block boundary
+# only, as before them (scripts/bench_rollouts.py measures both side by side).
+WHOLE_ROWS = True
 
 
 def forward_cost(device) -> int:
@@ -69,7 +72,7 @@ def plan(
         cost = sum(t + 1 - have[b] + forward_cost(device) for b, t in jobs) + batch * (length - column)
         if cost < best_cost:
             best, best_cost = jobs, cost
-    if state.keeps_tokens and max_columns == length - 1 and min(len(t) for t in tokens) > 1:
+    if WHOLE_ROWS and state.keeps_tokens and max_columns == length - 1 and min(len(t) for t in tokens) > 1:
         jobs = [(b, len(tokens[b]) - 2) for b in _distinct(tokens, range(batch))]
         cost = sum(max(1, t + 1 - have[b]) + forward_cost(device) for b, t in jobs) + batch
         if cost < best_cost:
