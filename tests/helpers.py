@@ -35,3 +35,14 @@ def pooled(model, ids, pool=None, cache=None, **kwargs):
     out = generate(model, ids, cache, **kwargs)
     assert_same(reference(model, ids, **kwargs), out)
     return out, cache
+
+
+def left_padded(*rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``[1, n]`` left-padded with id 0 to the longest: ``(ids, attention_mask)``."""
+    width = max(r.shape[1] for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - r.shape[1] :] = r[0]
+        mask[b, width - r.shape[1] :] = 1
+    return ids, mask

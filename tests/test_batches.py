@@ -13,7 +13,7 @@ import contextlib
 import model_zoo as zoo
 import pytest
 import torch
-from helpers import assert_same, generate, reference
+from helpers import assert_same, generate, left_padded, reference
 from tiny_models import build, prompt
 
 from hf_kvpool import KVPool, PooledCache
@@ -112,9 +112,7 @@ def test_left_padded_rows_at_different_turns(llama):
     pooled_prefill(llama, session, pool)  # a session at a later turn: 80 of its tokens are pooled
     later = torch.cat([session, prompt(10, 8)], dim=1)  # 100 tokens
     new = prompt(40, 9)  # a session starting
-    ids = torch.cat([later, torch.cat([torch.zeros(1, 60, dtype=torch.long), new], dim=1)])
-    mask = torch.ones_like(ids)
-    mask[1, :60] = 0
+    ids, mask = left_padded(later, new)  # 60 pads
     computed, reused = pooled_prefill(llama, ids, pool, attention_mask=mask)
     assert computed <= (20 + 40) + 2 * BS
     # the new row's padding already lets the batch start at column 60; catching both rows up to
@@ -146,9 +144,7 @@ def test_hybrid_rows_whose_padding_does_not_line_up_are_computed_in_full(one_thr
     model = zoo.build("qwen3_next")
     pool = KVPool(block_size=BS)
     long, short = zoo.prompt(60, seed=13), zoo.prompt(41, seed=14)
-    ids = torch.cat([long, torch.cat([torch.zeros(1, 19, dtype=torch.long), short], dim=1)])
-    mask = torch.ones_like(ids)
-    mask[1, :19] = 0
+    ids, mask = left_padded(long, short)  # 19 pads
     pooled_prefill(model, long, pool)
     _, reused = pooled_prefill(model, ids, pool, attention_mask=mask)
     assert reused == [0, 0]  # no column where both rows hold a checkpoint (19 pads: not a block multiple)
@@ -177,9 +173,7 @@ def test_whole_rows_of_two_groups_with_padding(llama, capacity):
     per_block = probe.stats().capacity_bytes // probe.stats().capacity_blocks
     pool = KVPool(block_size=BS, capacity_bytes=2 * per_block if capacity == "two-blocks" else None)
     a, b = prompt(70, 14), prompt(60, 15)
-    ids = torch.cat([a, a, torch.cat([torch.zeros(1, 10, dtype=torch.long), b], dim=1).repeat(2, 1)])
-    mask = torch.ones_like(ids)
-    mask[2:, :10] = 0
+    ids, mask = left_padded(a, a, b, b)  # 10 pads on the b rows
     cache = PooledCache(llama, pool=pool)
     with counting(llama) as seen:
         out = generate(llama, ids, cache, attention_mask=mask, max_new_tokens=20)

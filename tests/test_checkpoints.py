@@ -11,7 +11,7 @@ import shutil
 import model_zoo as zoo
 import pytest
 import torch
-from helpers import assert_same, generate, reference
+from helpers import assert_same, generate, left_padded, reference
 
 from hf_kvpool import KVPool, PooledCache
 
@@ -124,9 +124,7 @@ def test_left_padded_batch_split_at_a_common_boundary(model):
     second forward spans several columns, with the padding mask cut to match) and checkpoints both."""
     pool = KVPool(block_size=BS)
     long, short = zoo.prompt(40, seed=20), zoo.prompt(24, seed=21)
-    ids = torch.cat([long, torch.cat([torch.zeros(1, 16, dtype=torch.long), short], dim=1)])
-    mask = torch.ones_like(ids)
-    mask[1, :16] = 0
+    ids, mask = left_padded(long, short)  # 16 pads
     cache = PooledCache(model, pool=pool)
     out = generate(model, ids, cache, attention_mask=mask, max_new_tokens=3)
     assert_same(reference(model, ids, attention_mask=mask, max_new_tokens=3), out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import model_zoo as zoo
 import pytest
 import torch
-from helpers import assert_same, generate, reference
+from helpers import assert_same, generate, left_padded, reference
 
 import hf_kvpool.hf.catchup as catchup
 from hf_kvpool import KVPool, PooledCache
@@ -56,9 +56,7 @@ def test_left_padded_batch_of_two(model_type):
     warm = zoo.prompt(33, seed=2)
     turn(model, warm, pool, max_new_tokens=2)
     short = zoo.prompt(9, seed=3)
-    ids = torch.cat([warm, torch.cat([torch.zeros(1, 24, dtype=torch.long), short], dim=1)])
-    mask = torch.ones_like(ids)
-    mask[1, :24] = 0
+    ids, mask = left_padded(warm, short)  # 24 pads
     cache = PooledCache(model, pool=pool)
     out = generate(model, ids, cache, attention_mask=mask, max_new_tokens=5)
     assert_same(reference(model, ids, attention_mask=mask, max_new_tokens=5), out)

@@ -13,7 +13,8 @@ States of a :class:`CallState` (one per cache):
 The hooks, registered on the causal-LM module by ``enable()``:
 
 - forward *pre*-hook: on a prefill, look every row up in the pool, restore the C leading columns
-  all rows can take into the empty cache, and trim ``input_ids`` / ``position_ids`` to the rest
+  all rows can take into the empty cache (in a batch, after rows that are behind catch up, which
+  may let it take rows whole: ``catchup.py``), and trim ``input_ids`` / ``position_ids`` to the rest
   (the 2D mask stays full; generate() keeps its own full inputs, so decoding continues as usual).
   For models with recurrent state, the prefill runs in two forwards split at the prompt's last
   block boundary, so that a checkpoint of the state lands there. On later forwards, hand the new

@@ -98,17 +98,17 @@ def fill(
     rows = [source[np.asarray(t).tobytes()] for t in tokens]
     stop = length - 1
     for i, kind in enumerate(state.kinds):
-        for name, first in kind.tokens_of(rows[0].layers[i]).items():
-            room = max(stop, kind.room(cache.layers[i], length))
+        held = [kind.tokens_of(scratch.layers[i]) for scratch in rows]  # per row: name -> [1, H, n, D]
+        for name, first in held[0].items():
             out = streams[i].get(name)
             if out is None or out.shape[2] < stop:
+                room = max(stop, kind.room(cache.layers[i], length))
                 shape = (len(tokens), first.shape[1], room, first.shape[3])
                 grown = torch.zeros(shape, dtype=first.dtype, device=first.device)
                 if out is not None:
                     grown[:, :, :columns] = out[:, :, :columns]
                 out = streams[i][name] = grown
-            for b, scratch in enumerate(rows):
+            for b, row in enumerate(held):
                 begin = max(columns, pads[b])  # row b's column c holds its token c - pads[b]
-                src = kind.tokens_of(scratch.layers[i])[name]
-                out[b, :, begin:stop] = src[0, :, begin - pads[b] : stop - pads[b]]
+                out[b, :, begin:stop] = row[name][0, :, begin - pads[b] : stop - pads[b]]
     return stop
