@@ -34,6 +34,7 @@ import torch
 import xxhash
 
 from . import compat
+from .optimizers import watch_optimizer_steps
 
 __all__ = ["ModelFingerprint", "Scan"]
 
@@ -130,6 +131,7 @@ class ModelFingerprint:
     """
 
     def __init__(self, model: torch.nn.Module, own_hooks: tuple = ()):
+        watch_optimizer_steps()  # fused optimizer steps bump no version counter (optimizers.py)
         self._model = weakref.ref(model)
         self._own_hooks = own_hooks
         self._lock = threading.Lock()
