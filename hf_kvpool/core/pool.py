@@ -265,6 +265,15 @@ class KVPool:
             self._tiers.count_hits([tier for _, tier in found[: len(ids)]])
             return ids
 
+    def retire(self, namespaces) -> int:
+        """Free now the device blocks of every chain in ``namespaces``: no lookup can match them again
+        (their model's weights changed). Lower tiers keep theirs until they age out. Returns the
+        blocks freed."""
+        with self._lock:
+            for namespace in namespaces:
+                self.namespaces.pop(namespace, None)
+            return self._device.retire(namespaces) if self._device is not None and namespaces else 0
+
     # ------------------------------------------------------------------ admin
     def stats(self) -> PoolStats:
         with self._lock:
