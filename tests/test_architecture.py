@@ -141,7 +141,9 @@ def test_pyproject_lists_every_package():
     import tomllib
 
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    packages = {
-        ".".join(path.parent.relative_to(ROOT).parts) for path in PACKAGE.rglob("__init__.py")
-    } | {"hf_kvpool.triton_kernels"}
-    assert packages == listed, f"pyproject.toml [tool.setuptools] packages: add {sorted(packages - listed)}, drop {sorted(listed - packages)}"
+    packages = {".".join(path.parent.relative_to(ROOT).parts) for path in PACKAGE.rglob("__init__.py")} | {
+        "hf_kvpool.triton_kernels"
+    }
+    assert packages == listed, (
+        f"pyproject.toml [tool.setuptools] packages: add {sorted(packages - listed)}, drop {sorted(listed - packages)}"
+    )
