@@ -109,6 +109,12 @@ class KVPool:
         return None if self._device is None else self._device.layout
 
     @property
+    def remote(self) -> str | None:
+        """The URL of the shared Redis tier this pool reads and writes, or None."""
+        remote = self._tiers.remote if self._tiers is not None else None
+        return remote.url if remote is not None else None
+
+    @property
     def lock(self) -> threading.RLock:
         return self._lock
 
