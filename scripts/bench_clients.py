@@ -294,9 +294,10 @@ def run_trl(load, tokenizer, enabled: bool, steps: int = 2, new_tokens: int = 4,
 
     rollouts = []
 
-    def reward_len(completions, completion_ids, **kwargs):
+    def reward_ids(completions, completion_ids, **kwargs):
+        """Trivial, but it varies within a group (an equal reward everywhere trains nothing)."""
         rollouts.append([list(c) for c in completion_ids])
-        return [float(len(set(c))) for c in completion_ids]
+        return [float(sum(c) % 7) for c in completion_ids]
 
     torch.manual_seed(seed)
     model = load()
@@ -323,7 +324,7 @@ def run_trl(load, tokenizer, enabled: bool, steps: int = 2, new_tokens: int = 4,
         with one_run(model, enabled) as run:
             trainer = GRPOTrainer(
                 model=model,
-                reward_funcs=reward_len,
+                reward_funcs=reward_ids,
                 args=args,
                 train_dataset=dataset,
                 processing_class=tokenizer,
