@@ -102,13 +102,16 @@ class Meter:
             for b in range(ids.shape[0]):
                 row = ids[b] if mask is None else ids[b][mask[b].bool()]
                 rows.append(row.tolist())
-            call = dict(prompts=rows, fed_back=[], prefill=0, decode=0)
+            now = time.perf_counter()
+            call = dict(prompts=rows, fed_back=[], prefill=0, decode=0, start=now, end=now)
             self._seen[cache] = call
             self.calls.append(call)
             self._stack.append((call, "prefill"))
 
     def _leave(self, module, args, kwargs, output):
-        self._stack.pop()
+        call, _ = self._stack.pop()
+        if call is not None:
+            call["end"] = time.perf_counter()
 
     def _embed(self, module, args):
         if self._stack and self._stack[-1][0] is not None:
@@ -121,6 +124,7 @@ class Meter:
             prefill_positions=sum(c["prefill"] for c in self.calls),
             decode_positions=sum(c["decode"] for c in self.calls),
             prompt_tokens=sum(len(r) for c in self.calls for r in c["prompts"]),
+            generate_s=sum(c["end"] - c["start"] for c in self.calls),
             ideal_positions=ideal_positions(self.calls),
         )
 
@@ -423,6 +427,8 @@ def summarize(name: str, runs: list[dict]) -> dict:
         time_plain_s=t_p,
         time_enabled_s=t_e,
         time_ratio=t_e / t_p,
+        generate_plain_s=sum(r["generate_s"] for r in plain) / len(plain),
+        generate_enabled_s=sum(r["generate_s"] for r in enabled) / len(enabled),
         identical=all(r["outputs"] == first_p["outputs"] for r in runs),
     )
     if name == "smolagents":  # what re-rendering the stripped answers cost
@@ -435,14 +441,17 @@ def summarize(name: str, runs: list[dict]) -> dict:
 def table(rows: list[dict]) -> str:
     lines = [
         "| tool | generate() calls | prompt tokens | prefill positions plain | enabled (x plain) | ideal | "
-        "hit tokens | time plain (s) | enabled (s, x plain) | identical outputs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "hit tokens | time plain (s) | enabled (s, x plain) | in generate() plain (s) | enabled (s, x plain) | "
+        "identical outputs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['tool']} | {r['calls']} | {r['prompt_tokens']:,} | {r['prefill_plain']:,} | "
             f"{r['prefill_enabled']:,} ({r['prefill_ratio']:.2f}x) | {r['ideal']:,} | {r['hit_tokens']:,} | "
             f"{r['time_plain_s']:.1f} | {r['time_enabled_s']:.1f} ({r['time_ratio']:.2f}x) | "
+            f"{r['generate_plain_s']:.1f} | {r['generate_enabled_s']:.1f} "
+            f"({r['generate_enabled_s'] / r['generate_plain_s']:.2f}x) | "
             f"{'yes' if r['identical'] else 'NO'} |"
         )
     return "\n".join(lines)
