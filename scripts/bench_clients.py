@@ -438,6 +438,21 @@ def summarize(name: str, runs: list[dict]) -> dict:
     return out
 
 
+def slim(run: dict) -> dict:
+    """A run for the JSON: per call its rows' prompt lengths and figures, not every token id."""
+    calls = [
+        dict(
+            prompt_lengths=[len(r) for r in c["prompts"]],
+            decode_steps=len(c["fed_back"]),
+            prefill=c["prefill"],
+            decode=c["decode"],
+            generate_s=c["end"] - c["start"],
+        )
+        for c in run["records"]
+    ]
+    return {**run, "records": calls}
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| tool | generate() calls | prompt tokens | prefill positions plain | enabled (x plain) | ideal | "
@@ -497,7 +512,7 @@ def main(argv=None) -> int:
                         flush=True,
                     )
             results.append(summarize(name, runs))
-            records[name] = runs
+            records[name] = [slim(r) for r in runs]
             del tool
     print(table(results))
     for r in results:
