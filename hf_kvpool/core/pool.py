@@ -11,6 +11,7 @@ device, dtype, heads, head_dim; checkpoint tensors) is known; a pool serves one 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ __all__ = [
 # How KVPool.load(model=...) reads a model's fingerprint (hex) without importing transformers:
 # the hf_kvpool package registers it (see register_fingerprint_reader).
 _fingerprint_reader: Callable[[object], str] | None = None
+
+
+STRICT_ENV = "HF_KVPOOL_STRICT"
 
 
 def register_fingerprint_reader(reader: Callable[[object], str]) -> None:
@@ -76,6 +80,9 @@ class KVPool:
         remote: ``"redis://host:port/db"``: a Redis tier shared by every process using that URL.
         remote_timeout: seconds per Redis command; past it (or on an error) the tier is skipped
             for a few seconds and generation goes on without it.
+        strict: a failure while reading or writing the pool during ``generate()`` raises instead of
+            warning once and computing without the pool (for tests and debugging). Default (None):
+            strict when the environment variable ``HF_KVPOOL_STRICT`` is ``1`` (read at each call).
     """
 
     def __init__(
@@ -87,6 +94,7 @@ class KVPool:
         host_capacity_bytes: int = 0,
         remote: str | None = None,
         remote_timeout: float = 0.25,
+        strict: bool | None = None,
     ):
         self.settings = PoolSettings(block_size=block_size, capacity_bytes=capacity_bytes, backend=backend)
         self.block_size = block_size
@@ -97,6 +105,16 @@ class KVPool:
         remote_tier = RedisTier(remote, timeout=remote_timeout) if remote else None
         self._tiers = Tiers(host, remote_tier) if host is not None or remote_tier is not None else None
         self.namespaces: dict[bytes, dict] = {}  # namespace -> {"model": fingerprint hex, "salt": ...}
+        if strict is not None and not isinstance(strict, bool):
+            raise ValueError(f"strict must be True, False or None (read HF_KVPOOL_STRICT), got {strict!r}")
+        self._strict = strict
+
+    @property
+    def strict(self) -> bool:
+        """Whether failures on the commit and fetch paths raise (see the class docstring)."""
+        if self._strict is not None:
+            return self._strict
+        return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes")
 
     @property
     def backend(self) -> str:

@@ -318,6 +318,8 @@ def _fetch(cache, state, pool, chains, pads, tokens, max_columns, namespace, len
             chains, pads, sum(len(t) for t in tokens), max_columns, namespace, room, state.checkpointed, count
         )
     except Exception as exc:  # a failed gather (e.g. out of memory): compute everything
+        if pool.strict:
+            raise
         warn_once(f"reading the pool failed ({type(exc).__name__}: {exc})")
         return 0, streams, states
     if fetched.columns == 0:
@@ -387,11 +389,14 @@ def post_forward(module, args, kwargs, output):
 
 
 def _commit(module, call: CallState) -> None:
+    tracker = call.tracker
     try:
-        call.tracker.commit_if_due()
+        tracker.commit_if_due()
     except PoolConfigError:  # a user error: say it, do not swallow it
         call.stop()
         raise
     except Exception as exc:  # committing is best effort: the output is already correct
         call.stop()
+        if tracker.pool.strict:  # tests, debugging: a failure here is a bug to see, not "no reuse"
+            raise
         warn_once(f"writing to the pool failed ({type(exc).__name__}: {exc})")
