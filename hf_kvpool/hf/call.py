@@ -314,6 +314,8 @@ def _fetch(cache, state, pool, chains, pads, tokens, max_columns, namespace, len
             chains, pads, sum(len(t) for t in tokens), max_columns, namespace, room, state.checkpointed, count
         )
     except Exception as exc:  # a failed gather (e.g. out of memory): compute everything
+        if pool.strict:
+            raise
         warn_once(f"reading the pool failed ({type(exc).__name__}: {exc})")
         return 0, streams, states
     if fetched.columns == 0:
@@ -383,12 +385,15 @@ def post_forward(module, args, kwargs, output):
 
 
 def _commit(module, call: CallState) -> None:
+    tracker = call.tracker
     try:
-        call.tracker.commit_if_due()
+        tracker.commit_if_due()
     except PoolConfigError as exc:  # a user error: say it, do not swallow it
-        tracker, _ = call.tracker, call.stop()
+        call.stop()
         if not registry.pool_error_is_not_callers(exc, tracker.pool, tracker.namespace, call.auto):
             raise
     except Exception as exc:  # committing is best effort: the output is already correct
         call.stop()
+        if tracker.pool.strict:  # tests, debugging: a failure here is a bug to see, not "no reuse"
+            raise
         warn_once(f"writing to the pool failed ({type(exc).__name__}: {exc})")

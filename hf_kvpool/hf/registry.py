@@ -94,8 +94,9 @@ def retire(state: ModelState, pool: KVPool, digests: set[bytes]) -> None:
         kept = set().union(*(o.fingerprint.remembered() for o in others if used in o.pools or o.pool is used))
         dead = {d.hex() for d in digests - kept}
         namespaces = [ns for ns, info in list(used.namespaces.items()) if info.get("model") in dead]
-        if namespaces:
-            used.retire(namespaces)
+        for ns in namespaces:
+            used.namespaces.pop(ns, None)
+        used.retire(set(namespaces))
 
 
 def other_precision(pool: KVPool, namespace: bytes) -> bool:
