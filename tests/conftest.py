@@ -1,7 +1,10 @@
 """Shared test set-up.
 
-``scripts/`` is importable (workloads, the redis-server helper). Without a GPU, Triton kernels run under the interpreter. ``TRITON_INTERPRET`` is read when a kernel
-is *defined*, so it is set here, before any test module imports ``hf_kvpool.triton_kernels``.
+``scripts/`` is importable (workloads, the redis-server helper). The suite runs in strict mode
+(``HF_KVPOOL_STRICT=1``): a failure while reading or writing the pool raises instead of warning and
+computing without the pool, so a bug there fails a test instead of showing as "no reuse"; tests that
+inject faults on purpose opt out (``tests/test_faults.py``). Without a GPU, Triton kernels run
+under the interpreter. ``TRITON_INTERPRET`` is read when a kernel is *defined*, so it is set here, before any test module imports ``hf_kvpool.triton_kernels``.
 """
 
 import os
@@ -12,6 +15,8 @@ import torch
 
 # benchmark workloads and the private redis-server helper live in scripts/ (not in the library)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+os.environ["HF_KVPOOL_STRICT"] = "1"  # subprocesses (notebooks, other processes) inherit it
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -124,16 +124,38 @@ def test_scaling_change(pm):
     assert run(pm, ids, pool) == HIT
 
 
+def run_in(model, ids, pool) -> tuple[int, bytes]:
+    """:func:`run`, and the namespace the call read and filled."""
+    cache = PooledCache(model, pool=pool)
+    out = generate(model, ids, cache)
+    assert_same(reference(model, ids), out)
+    return cache.reused_tokens[0], cache._call.tracker.namespace
+
+
 def test_merge_unmerge_and_merge_and_unload(pm):
+    """Merged and unmerged logits differ by ~1e-7, within assert_same's tolerance, so equal outputs
+    cannot show a block served to the wrong state: the reuse counts and namespaces do."""
     pool, ids = KVPool(block_size=BS), prompt(22, 6)
-    run(pm, ids, pool)
+    weights = [p for n, p in pm.named_parameters() if "base_layer.weight" in n]
+    original = [w.clone() for w in weights]
+    reused, unmerged = run_in(pm, ids, pool)
+    assert reused == 0
+    assert run_in(pm, ids, pool) == (HIT, unmerged)
     pm.merge_adapter()  # writes the base weights through .data
-    run(pm, ids, pool)
+    reused, merged_ns = run_in(pm, ids, pool)
+    assert merged_ns != unmerged and reused == 0  # the unmerged state's blocks are not served
+    assert run_in(pm, ids, pool) == (HIT, merged_ns)
     pm.unmerge_adapter()
-    run(pm, ids, pool)
+    # unmerging subtracts the delta again in floating point: base weights off by rounding, so the
+    # model computes a third function, and neither earlier state's blocks are served to it
+    assert not all(torch.equal(w, o) for w, o in zip(weights, original))
+    reused, unmerged_again = run_in(pm, ids, pool)
+    assert reused == 0 and unmerged_again not in (unmerged, merged_ns)
+    assert run_in(pm, ids, pool) == (HIT, unmerged_again)
     merged = pm.merge_and_unload()
-    assert run(merged, ids, pool) == 0  # merged weights: another function (in floating point)
-    assert run(merged, ids, pool) == HIT
+    reused, unloaded = run_in(merged, ids, pool)
+    assert reused == 0 and unloaded not in (unmerged, merged_ns)  # merged weights: another function
+    assert run_in(merged, ids, pool) == (HIT, unloaded)
 
 
 def test_through_peft_generate_and_the_inner_model(pm):

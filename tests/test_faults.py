@@ -52,6 +52,8 @@ def model():
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
     monkeypatch.setattr(registry, "_warned", set())
+    # faults are injected on purpose here: the default (warn, compute without the pool) is under test
+    monkeypatch.setenv("HF_KVPOOL_STRICT", "0")
 
 
 class Fault:
@@ -286,9 +288,13 @@ def test_keyboard_interrupt_during_lookup_leaks_no_pins(model, monkeypatch):
     manager = pool._device.manager
     real_match = manager.match
     fault = Fault("KeyboardInterrupt", at=2)
+    pinned_at_fault: list[int] = []
 
     def match(chain, pin=True):
-        fault.hit()
+        if pin:  # fetch's look-ups (the catch-up planner's unpinned hints do not count)
+            if fault.calls == 1:  # row 1's look-up: row 0's blocks are pinned now
+                pinned_at_fault.extend(b.block_id for b in manager.blocks() if b.pins)
+            fault.hit()
         return real_match(chain, pin)
 
     monkeypatch.setattr(manager, "match", match)
@@ -296,8 +302,9 @@ def test_keyboard_interrupt_during_lookup_leaks_no_pins(model, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         generate(model, batch, PooledCache(model, pool=pool), attention_mask=torch.ones_like(batch))
     monkeypatch.undo()
-    assert all(b.pins == 0 for b in manager.blocks())  # fails: row 0's blocks stay pinned
-    pool.clear()  # and a pinned pool can never be cleared
+    assert fault.fired and len(pinned_at_fault) == first.shape[1] // BS  # the fault hit the pinned path
+    assert all(b.pins == 0 for b in manager.blocks())  # row 0's pins were released
+    pool.clear()  # a pinned pool could never be cleared
 
 
 # ------------------------------------------------------------------------------ pool level
@@ -357,3 +364,50 @@ def test_pooled_cache_after_a_failed_call_is_a_plain_cache_until_the_next_genera
     _, cache = pooled(model, first, pool, cache=cache)
     assert cache.reused_tokens == [23]
     assert_consistent(pool)
+
+
+# ------------------------------------------------------------------------------ strict mode
+@pytest.mark.parametrize("how", ["setting", "environment"])
+def test_strict_mode_raises_a_commit_failure(model, monkeypatch, how):
+    """Strict mode (``KVPool(strict=True)`` or ``HF_KVPOOL_STRICT=1``): the failure reaches the caller."""
+    if how == "environment":
+        monkeypatch.setenv("HF_KVPOOL_STRICT", "1")
+    pool = KVPool(block_size=BS, strict=True if how == "setting" else None)
+    assert pool.strict
+    first, _ = _prompts()
+    real = paged_copy.torch_scatter
+    fault = Fault("RuntimeError", at=1)
+
+    def scatter(*args, **kw):
+        fault.hit()
+        return real(*args, **kw)
+
+    monkeypatch.setattr(paged_copy, "torch_scatter", scatter)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        generate(model, first, PooledCache(model, pool=pool))
+    monkeypatch.undo()
+    assert_consistent(pool)
+
+
+def test_strict_mode_raises_a_fetch_failure(model, monkeypatch):
+    pool = KVPool(block_size=BS, strict=True)
+    first, faulty = _prompts()
+    pooled(model, first, pool)
+    real = paged_copy.torch_gather
+    fault = Fault("OutOfMemoryError", at=1)
+
+    def gather(*args, **kw):
+        fault.hit()
+        return real(*args, **kw)
+
+    monkeypatch.setattr(paged_copy, "torch_gather", gather)
+    with pytest.raises(torch.OutOfMemoryError):
+        generate(model, faulty, PooledCache(model, pool=pool))
+    monkeypatch.undo()
+    assert_consistent(pool)
+    later_calls_are_correct(model, pool, first, faulty)
+
+
+def test_strict_setting_is_checked():
+    with pytest.raises(ValueError, match="strict must be"):
+        KVPool(strict="yes")

@@ -234,3 +234,71 @@ def test_garbage_in_redis_is_a_miss(model, redis_url):
     pooled(model, prompt(8, 17), b)
     _, cache = pooled(model, ids, b)
     assert cache.reused_tokens == [0]
+
+
+def _retag(data: bytes, what: str) -> bytes:
+    """A well-formed Redis entry (header and tensors intact) with other tokens or another parent."""
+    import json
+
+    n = int.from_bytes(data[8:12], "little")
+    header = json.loads(data[12 : 12 + n])
+    if what == "tokens":
+        tokens = bytearray.fromhex(header["tokens"])
+        tokens[0] ^= 1  # the first token of the block, another id
+        header["tokens"] = tokens.hex()
+    else:
+        header["parent"] = (b"\x11" * 16).hex()  # a parent that is not the chain's
+    head = json.dumps(header).encode()
+    return data[:8] + len(head).to_bytes(4, "little") + head + data[12 + n :]
+
+
+@pytest.mark.parametrize("what", ["tokens", "parent"])
+def test_redis_entry_with_wrong_tokens_or_parent_is_a_miss(model, redis_url, what):
+    """Each entry decodes (right magic, key, shapes, sizes), but its tokens or parent are not the
+    chain's: the look-up must stop there, not serve it."""
+    import redis
+
+    from hf_kvpool.core.tiers import decode_entry
+
+    url, _ = redis_url
+    a = KVPool(block_size=BS, remote=url)
+    ids = prompt(18, 18)
+    pooled(model, ids, a)
+    shapes = a._device.store.block_shapes
+    client = redis.Redis.from_url(url)
+    keys = client.keys("hfkv:*")
+    assert len(keys) == 6  # 18 prompt + 7 generated tokens: 6 full blocks
+    for key in keys:
+        data = _retag(client.get(key), what)
+        chain_key = bytes.fromhex(key.decode().rsplit(":", 1)[1])
+        assert decode_entry(data, chain_key, shapes) is not None  # well-formed
+        client.set(key, data)
+    b = KVPool(block_size=BS, remote=url)
+    pooled(model, prompt(8, 19), b)
+    _, cache = pooled(model, ids, b)
+    assert cache.reused_tokens == [0]
+    assert b.stats().remote_hit_blocks == 0
+
+
+@pytest.mark.parametrize("what", ["tokens", "parent"])
+def test_host_entry_with_wrong_tokens_or_parent_is_a_miss(what):
+    """The host tier verifies the same way (model-free)."""
+    import torch
+
+    from hf_kvpool.core.hashing import block_hashes, namespace_key
+    from hf_kvpool.core.tiers import HostTier, TierEntry, Tiers
+
+    chain = block_hashes(list(range(12)), BS, namespace_key("m"))
+    host = HostTier(1 << 20)
+    parent = None
+    for n, (key, tokens) in enumerate(chain):
+        if n == 1:
+            tokens = tokens[::-1] if what == "tokens" else tokens
+            parent = b"\x11" * 16 if what == "parent" else parent
+        host.put(TierEntry(key, parent, tokens, [torch.zeros(2)]))
+        parent = key
+    tiers = Tiers(host, None)
+    found = tiers.find(chain, 0, b"", [([2], torch.float32)])
+    assert [e.key for e, _ in found] == [
+        chain[0][0]
+    ]  # block 0 verifies; block 1 is a miss, and so all after it

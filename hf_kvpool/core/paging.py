@@ -88,7 +88,7 @@ def torch_scatter(
         return
     if storage.element_size() == 1 and storage.is_floating_point():  # fp8: index_copy_ lacks it on CPU
         storage = storage.view(torch.int8)
-        srcs = [(k.view(torch.int8), v.view(torch.int8)) for k, v in srcs]
+        srcs = [tuple(t.view(torch.int8) for t in fields) for fields in srcs]  # P fields, any P
     bs = storage.shape[4]
     full = [bs] * block_ids.numel()
     ids_l = block_ids.tolist()

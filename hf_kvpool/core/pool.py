@@ -11,9 +11,9 @@ device, dtype, heads, head_dim; checkpoint tensors) is known; a pool serves one 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -23,7 +23,7 @@ from .device import DeviceTier, token_column
 from .hashing import Chain
 from .settings import PoolConfigError, PoolSettings
 from .snapshot import SnapshotError
-from .stats import BlockInfo, PoolStats
+from .stats import BlockInfo, Fetched, PoolStats
 from .tiers import HostTier, RedisTier, TierEntry, Tiers
 
 __all__ = [
@@ -43,6 +43,9 @@ __all__ = [
 _fingerprint_reader: Callable[[object], str] | None = None
 
 
+STRICT_ENV = "HF_KVPOOL_STRICT"
+
+
 def register_fingerprint_reader(reader: Callable[[object], str]) -> None:
     global _fingerprint_reader
     _fingerprint_reader = reader
@@ -50,15 +53,6 @@ def register_fingerprint_reader(reader: Callable[[object], str]) -> None:
 
 class LayoutMismatchError(PoolConfigError):
     """A pool filled by one model layout was handed state of another."""
-
-
-@dataclass
-class Fetched:
-    """Result of :meth:`KVPool.fetch`."""
-
-    columns: int  # C: leading columns of every row filled from the pool
-    streams: list[torch.Tensor] | None  # per stream [B, H, >= C, D]; None if C == 0
-    states: list[torch.Tensor] | None = None  # per checkpoint tensor [B, ...] at column C, if asked
 
 
 class KVPool:
@@ -76,6 +70,9 @@ class KVPool:
         remote: ``"redis://host:port/db"``: a Redis tier shared by every process using that URL.
         remote_timeout: seconds per Redis command; past it (or on an error) the tier is skipped
             for a few seconds and generation goes on without it.
+        strict: a failure while reading or writing the pool during ``generate()`` raises instead of
+            warning once and computing without the pool (for tests and debugging). Default (None):
+            strict when the environment variable ``HF_KVPOOL_STRICT`` is ``1`` (read at each call).
     """
 
     def __init__(
@@ -87,6 +84,7 @@ class KVPool:
         host_capacity_bytes: int = 0,
         remote: str | None = None,
         remote_timeout: float = 0.25,
+        strict: bool | None = None,
     ):
         self.settings = PoolSettings(block_size=block_size, capacity_bytes=capacity_bytes, backend=backend)
         self.block_size = block_size
@@ -97,6 +95,16 @@ class KVPool:
         remote_tier = RedisTier(remote, timeout=remote_timeout) if remote else None
         self._tiers = Tiers(host, remote_tier) if host is not None or remote_tier is not None else None
         self.namespaces: dict[bytes, dict] = {}  # namespace -> {"model": fingerprint hex, "salt": ...}
+        if strict is not None and not isinstance(strict, bool):
+            raise ValueError(f"strict must be True, False or None (read HF_KVPOOL_STRICT), got {strict!r}")
+        self._strict = strict
+
+    @property
+    def strict(self) -> bool:
+        """Whether failures on the commit and fetch paths raise (see the class docstring)."""
+        if self._strict is not None:
+            return self._strict
+        return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes")
 
     @property
     def backend(self) -> str:
@@ -271,13 +279,9 @@ class KVPool:
             self._tiers.count_hits([tier for _, tier in found[: len(ids)]])
             return ids
 
-    def retire(self, namespaces) -> int:
-        """Free now the device blocks of every chain in ``namespaces``: no lookup can match them again
-        (their model's weights changed). Lower tiers keep theirs until they age out. Returns the
-        blocks freed."""
+    def retire(self, namespaces: set[bytes]) -> int:
+        """Free the device blocks of the chains in ``namespaces`` now (never matched again: weights changed)."""
         with self._lock:
-            for namespace in namespaces:
-                self.namespaces.pop(namespace, None)
             return self._device.retire(namespaces) if self._device is not None and namespaces else 0
 
     # ------------------------------------------------------------------ admin

@@ -1,10 +1,24 @@
-"""What a pool reports about itself: :class:`PoolStats` (counters) and :class:`BlockInfo` (one block)."""
+"""What a pool reports: :class:`PoolStats` (counters), :class:`BlockInfo` (one block) and
+:class:`Fetched` (what a look-up gathered)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ["PoolStats", "BlockInfo"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["PoolStats", "BlockInfo", "Fetched"]
+
+
+@dataclass
+class Fetched:
+    """Result of :meth:`KVPool.fetch`."""
+
+    columns: int  # C: leading columns of every row filled from the pool
+    streams: list[torch.Tensor] | None  # per stream [B, H, >= C, D]; None if C == 0
+    states: list[torch.Tensor] | None = None  # per checkpoint tensor [B, ...] at column C, if asked
 
 
 @dataclass(frozen=True)

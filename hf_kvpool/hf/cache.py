@@ -28,10 +28,10 @@ class PooledCache(compat.GenerateStartSignal, DynamicCache):
     """Drop-in replacement for :class:`transformers.DynamicCache` that reuses K/V across calls.
 
     Args:
-        model: the model this cache serves (a PEFT model too). Given, the model is enabled
-            (as by :func:`hf_kvpool.enable`, its mode unchanged) and nothing else is needed. Without it, the cache binds to
-            the first enabled model that uses it; a model that was never enabled sees a plain
-            ``DynamicCache``.
+        model: the model this cache serves (a PEFT model too). Given, the model is enabled (as by
+            :func:`hf_kvpool.enable`, its mode unchanged) and nothing else is needed. Without it,
+            the cache binds to the first enabled model that uses it; a model that was never
+            enabled sees a plain ``DynamicCache``.
         pool: the :class:`~hf_kvpool.KVPool` to use; default: the model's pool (:func:`hf_kvpool.get_pool`).
         salt: a string (or bytes) that separates tenants: caches with different salts never share a block.
         config: as in ``DynamicCache(config=...)``, when no model is given.

@@ -31,8 +31,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..core.hashing import block_hashes, namespace_key
-from ..core.pool import KVPool, PoolConfigError
+from ..core.hashing import block_hashes
+from ..core.pool import PoolConfigError
 from . import catchup, compat, prefill, registry
 from .registry import ModelState, warn_once
 from .tracker import CallTracker, split_name
@@ -180,7 +180,7 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
     digest = state.fingerprint.digest(scan)
     registry.retire(state, pool, state.fingerprint.take_retired())
     autocast = compat.autocast_state(module, scan.devices | {input_ids.device.type})
-    namespace = _namespace(pool, digest, cache.salt, autocast)
+    namespace = registry.namespace(pool, digest, cache.salt, autocast)
     tokens = [ids[b, pads[b] :] for b in range(batch)]
     chains = [block_hashes(t, pool.block_size, namespace) for t in tokens]
     max_columns = 0
@@ -253,18 +253,6 @@ def _per_token_kwargs(state: ModelState) -> tuple[str, ...]:
     return _PER_TOKEN_KWARGS if state.attends else (*_PER_TOKEN_KWARGS, "attention_mask")
 
 
-def _namespace(pool: KVPool, fingerprint: bytes, salt: str | bytes | None, autocast: str | None) -> bytes:
-    # parts are length-prefixed: no salt and an empty salt are different namespaces, and a part
-    # count tells autocast ones (fingerprint, marker, autocast[, salt]) from the others
-    parts = [fingerprint] if autocast is None else [fingerprint, b"\0autocast", autocast]
-    namespace = namespace_key(*parts) if salt is None else namespace_key(*parts, salt)
-    if namespace not in pool.namespaces:  # what a snapshot records about its blocks
-        shown = salt.hex() if isinstance(salt, bytes) else salt
-        info = {"model": fingerprint.hex(), "salt": shown}
-        pool.namespaces[namespace] = info if autocast is None else {**info, "autocast": autocast}
-    return namespace
-
-
 def _single_step_limit(pool, state, chains, pads, length, max_columns, device) -> int:
     """For models fed one token per forward after a restore: reuse only if the steps cost less
     than recomputing the columns they would save."""
@@ -326,6 +314,8 @@ def _fetch(cache, state, pool, chains, pads, tokens, max_columns, namespace, len
             chains, pads, sum(len(t) for t in tokens), max_columns, namespace, room, state.checkpointed, count
         )
     except Exception as exc:  # a failed gather (e.g. out of memory): compute everything
+        if pool.strict:
+            raise
         warn_once(f"reading the pool failed ({type(exc).__name__}: {exc})")
         return 0, streams, states
     if fetched.columns == 0:
@@ -395,20 +385,15 @@ def post_forward(module, args, kwargs, output):
 
 
 def _commit(module, call: CallState) -> None:
+    tracker = call.tracker
     try:
-        call.tracker.commit_if_due()
+        tracker.commit_if_due()
     except PoolConfigError as exc:  # a user error: say it, do not swallow it
-        tracker, _ = call.tracker, call.stop()
-        if registry.other_precision(tracker.pool, tracker.namespace):  # not the caller's doing
-            warn_once(
-                "the pool holds this model's K/V computed under another autocast setting, and a pool "
-                "serves one layout (dtypes): calls under this one compute without it (give them a pool "
-                "of their own: enable(model, pool=KVPool()) or PooledCache(model, pool=...))"
-            )
-        elif call.auto:  # the caller never asked for a pooled cache: go on as with DynamicCache
-            warn_once(f"the pool cannot take this call's K/V ({exc})")
-        else:
+        call.stop()
+        if not registry.pool_error_is_not_callers(exc, tracker.pool, tracker.namespace, call.auto):
             raise
     except Exception as exc:  # committing is best effort: the output is already correct
         call.stop()
+        if tracker.pool.strict:  # tests, debugging: a failure here is a bug to see, not "no reuse"
+            raise
         warn_once(f"writing to the pool failed ({type(exc).__name__}: {exc})")

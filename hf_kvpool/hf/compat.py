@@ -134,7 +134,7 @@ def autocast_state(module: nn.Module, device_types) -> str | None:
     ``__wrapped__``, ``functools.partial``'s ``func`` and closure cells (``autocast_decorator``).
     """
     parts = []
-    for device_type in sorted(device_types):
+    for device_type in sorted(device_types - {"meta"}):  # offloaded weights run elsewhere
         try:
             if torch.is_autocast_enabled(device_type):
                 parts.append(f"{device_type}:{torch.get_autocast_dtype(device_type)}")

@@ -17,11 +17,11 @@ counters; a tensor is hashed again only when its version counter or storage chan
 seen before (an adapter switched back on) is remembered. Writes through ``p.data`` bypass version
 counters: after such a write call :func:`hf_kvpool.weights_changed`.
 
-A remembered state one of whose tensors was updated in place since (an optimizer step: version
-counters only grow) can never be seen again: its digest is *retired* (``take_retired``), unless
-the current state or another remembered one still has it, so the pool can free its blocks.
-States without the updated tensors (the base model under ``disable_adapter()`` while a LoRA
-adapter trains) stay.
+A remembered state one of whose tensors was written in place since (an optimizer step: version
+counters only grow; a dtype or device move is not in place) can never be seen again: its digest is
+*retired* (``take_retired``), unless the current state or another remembered one still has it, so
+the pool can free its blocks. States without the updated tensors (the base model under
+``disable_adapter()`` while a LoRA adapter trains) stay.
 
 The same pass lists forward hooks that are neither hf_kvpool's nor known to be passive: they may
 change K/V in ways no attribute shows, so the caller computes without the pool while they exist.
@@ -247,12 +247,13 @@ class ModelFingerprint:
         self._retired -= {digest, *self._memo.values()}
 
     def _updated_since(self, key: tuple) -> bool:
-        """A tensor of the state ``key`` is alive and was written in place since (a dead tensor
-        may come back with the same content: not stale)."""
+        """A tensor of the state ``key`` was written in place since (same storage, a newer version).
+        Moves that give a tensor new storage (``.double()``, ``.to(device)``) and dead tensors may
+        come back with the same content: not stale."""
         for ident, version, ptr, _ in key[0]:
             entry = self._digests.get(ident)
             t = entry[0]() if entry is not None else None
-            if t is not None and (t._version != version or t.data_ptr() != ptr):
+            if t is not None and t._version != version and t.data_ptr() == ptr:
                 return True
         return False
 

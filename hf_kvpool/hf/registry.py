@@ -1,4 +1,7 @@
-"""What ``enable()`` attaches to a model (kept here, not on the module), and warnings said once."""
+"""What ``enable()`` attaches to a model (kept here, not on the module), and warnings said once.
+
+Also the pool-side view of a model's fingerprints: the namespace of a call (fingerprint, salt,
+autocast setting), and freeing the blocks of fingerprints retired by weight updates."""
 
 from __future__ import annotations
 
@@ -9,10 +12,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.hashing import namespace_key
 from ..core.pool import KVPool
 from .fingerprint import ModelFingerprint
 
-__all__ = ["ModelState", "other_precision", "retire", "states", "states_lock", "warn_once"]
+__all__ = [
+    "ModelState",
+    "namespace",
+    "other_precision",
+    "pool_error_is_not_callers",
+    "retire",
+    "states",
+    "states_lock",
+    "warn_once",
+]
 
 
 @dataclass
@@ -81,8 +94,9 @@ def retire(state: ModelState, pool: KVPool, digests: set[bytes]) -> None:
         kept = set().union(*(o.fingerprint.remembered() for o in others if used in o.pools or o.pool is used))
         dead = {d.hex() for d in digests - kept}
         namespaces = [ns for ns, info in list(used.namespaces.items()) if info.get("model") in dead]
-        if namespaces:
-            used.retire(namespaces)
+        for ns in namespaces:
+            used.namespaces.pop(ns, None)
+        used.retire(set(namespaces))
 
 
 def other_precision(pool: KVPool, namespace: bytes) -> bool:
@@ -92,3 +106,30 @@ def other_precision(pool: KVPool, namespace: bytes) -> bool:
         info.get("model") == mine.get("model") and info.get("autocast") != mine.get("autocast")
         for info in list(pool.namespaces.values())
     )
+
+
+def namespace(pool: KVPool, fingerprint: bytes, salt: str | bytes | None, autocast: str | None) -> bytes:
+    # parts are length-prefixed: no salt and an empty salt are different namespaces, and a part
+    # count tells autocast ones (fingerprint, marker, autocast[, salt]) from the others
+    parts = [fingerprint] if autocast is None else [fingerprint, b"\0autocast", autocast]
+    namespace = namespace_key(*parts) if salt is None else namespace_key(*parts, salt)
+    if namespace not in pool.namespaces:  # what a snapshot records about its blocks
+        shown = salt.hex() if isinstance(salt, bytes) else salt
+        info = {"model": fingerprint.hex(), "salt": shown}
+        pool.namespaces[namespace] = info if autocast is None else {**info, "autocast": autocast}
+    return namespace
+
+
+def pool_error_is_not_callers(exc: Exception, pool: KVPool, namespace: bytes, auto: bool) -> bool:
+    """A PoolConfigError while committing that the caller did not cause: K/V of another autocast
+    setting than the pool holds, or a cache auto mode made. Says so once; False: raise it."""
+    if other_precision(pool, namespace):
+        warn_once(
+            "the pool holds this model's K/V computed under another autocast setting, and a pool "
+            "serves one layout (dtypes): calls under this one compute without it (give them a pool "
+            "of their own: enable(model, pool=KVPool()) or PooledCache(model, pool=...))"
+        )
+        return True
+    if auto:  # the caller never asked for a pooled cache: go on as with DynamicCache
+        warn_once(f"the pool cannot take this call's K/V ({exc})")
+    return auto
