@@ -13,16 +13,38 @@ Rows are left-padded: column ``c`` of row ``b`` holds token ``c - pads[b]`` of t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from . import snapshot
-from .block_manager import Block, BlockManager
+from .block_manager import Anchor, Block, BlockManager
 from .block_store import BlockStore, CheckpointStore, GatherPlan, StateSpec, StreamSpec
 from .hashing import Chain
 from .tiers import TierEntry
 
-__all__ = ["DeviceTier", "token_column"]
+__all__ = ["DeviceTier", "RowCommit", "token_column"]
+
+
+@dataclass
+class RowCommit:
+    """What one row commits (see :meth:`KVPool.commit_rows`): the blocks ``chain[data_from:end]``
+    not stored yet, from row ``row`` of the streams, where token 0 of the chain is at column
+    ``first_column``; ``checkpoint`` (this row's state after ``chain[end - 1]``) attached to that
+    block; then the checkpoint of the block keyed ``drop_checkpoint`` dropped (it is replaced).
+
+    ``anchor``: in, the anchor the last commit of this chain returned (or None); out, one for the
+    deepest stored block of ``chain[:end]``. ``written``: out, the blocks written."""
+
+    chain: Chain
+    data_from: int
+    row: int
+    first_column: int
+    end: int | None = None
+    checkpoint: list[torch.Tensor] | None = None
+    drop_checkpoint: bytes | None = None
+    anchor: Anchor | None = None
+    written: int = 0
 
 
 def token_column(pad: int, token: int) -> int:
@@ -100,12 +122,21 @@ class DeviceTier:
 
     # ------------------------------------------------------------------ write
     def write(
-        self, chain: Chain, data_from: int, streams: list[torch.Tensor], row: int, first_column: int
-    ) -> list[int]:
-        """Write the blocks of ``chain`` not stored yet (see :meth:`KVPool.commit`); returns their ids."""
-        plan = self.manager.reserve(chain, data_from)
+        self,
+        chain: Chain,
+        data_from: int,
+        streams: list[torch.Tensor],
+        row: int,
+        first_column: int,
+        end: int | None = None,
+        anchor: Anchor | None = None,
+    ) -> tuple[list[int], Anchor | None]:
+        """Write the blocks of ``chain[:end]`` not stored yet (see :meth:`KVPool.commit`); from a live
+        ``anchor`` only the blocks after it are looked at. Returns their ids and an anchor for the
+        deepest stored block of ``chain[:end]``."""
+        plan, deepest = self.manager.reserve_after(chain, data_from, anchor, end=end)
         if plan is None:
-            return []
+            return [], deepest
         try:
             bs = self.block_size
             cols = [first_column + (plan.first + i) * bs for i in range(len(plan.block_ids))]
@@ -113,8 +144,23 @@ class DeviceTier:
         except BaseException:
             self.manager.abort(plan)
             raise
-        self.manager.publish(plan)
-        return list(plan.block_ids)
+        return list(plan.block_ids), self.manager.publish(plan)
+
+    def commit_row(self, streams: list[torch.Tensor], job: RowCommit) -> list[int]:
+        """One row of :meth:`KVPool.commit_rows`: its blocks, its checkpoint, the checkpoint it
+        replaces. Returns the ids of the blocks written or given a checkpoint."""
+        written, job.anchor = self.write(
+            job.chain, job.data_from, streams, job.row, job.first_column, job.end, job.anchor
+        )
+        job.written = len(written)
+        end = len(job.chain) if job.end is None else job.end
+        updated = written
+        last = job.anchor.block.block_id if job.anchor is not None and job.anchor.index == end - 1 else None
+        if job.checkpoint is not None and last is not None and self.attach(last, job.checkpoint):
+            updated = written if last in written else [*written, last]
+        if job.drop_checkpoint is not None:
+            self.manager.drop_checkpoint(job.drop_checkpoint)
+        return updated
 
     def attach(self, block_id: int, state: list[torch.Tensor]) -> bool:
         """Store ``state`` as the checkpoint of ``block_id``; False if it has one or no slot is free."""

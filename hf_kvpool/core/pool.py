@@ -20,7 +20,7 @@ import torch
 
 from . import snapshot
 from .block_store import StateSpec, StreamSpec
-from .device import DeviceTier, token_column
+from .device import DeviceTier, RowCommit, token_column
 from .hashing import Chain
 from .settings import PoolConfigError, PoolSettings
 from .snapshot import SnapshotError
@@ -34,6 +34,7 @@ __all__ = [
     "Fetched",
     "LayoutMismatchError",
     "PoolConfigError",
+    "RowCommit",
     "SnapshotError",
     "register_fingerprint_reader",
     "token_column",
@@ -241,27 +242,25 @@ class KVPool:
         :meth:`allocate` was called). Returns the number of blocks written (fewer than asked when the
         pool is full of pinned blocks).
         """
+        job = RowCommit(chain, data_from, row, first_column, checkpoint=checkpoint)
+        return self.commit_rows([job], streams, namespace)
+
+    def commit_rows(self, jobs: list[RowCommit], streams: list[torch.Tensor], namespace: bytes = b"") -> int:
+        """:meth:`commit` for several rows of the same ``streams`` at once (one lock acquisition).
+        A job that brings the anchor its chain's last commit returned costs O(new blocks), not
+        O(chain). Returns the blocks written."""
         if self._device is None:
             self.allocate([StreamSpec.of(t) for t in streams])
         entries: list[TierEntry] = []
         with self._lock:
             device = self._device
-            written = device.write(chain, data_from, streams, row, first_column)
-            stored = device.manager.match(chain, pin=False) if chain else []
-            if (
-                checkpoint is not None
-                and stored
-                and len(stored) == len(chain)
-                and device.attach(stored[-1], checkpoint)
-            ):
-                written_or_updated = [*written, stored[-1]] if stored[-1] not in written else written
-            else:
-                written_or_updated = written
-            if self._tiers is not None and self._tiers.remote is not None:
-                entries = [device.entry(device.manager.block(bid)) for bid in written_or_updated]
+            for job in jobs:
+                updated = device.commit_row(streams, job)
+                if self._tiers is not None and self._tiers.remote is not None:
+                    entries.extend(device.entry(device.manager.block(bid)) for bid in updated)
         if entries:
             self._tiers.write_through(namespace, entries)  # network I/O, outside the lock
-        return len(written)
+        return sum(job.written for job in jobs)
 
     def drop_checkpoint(self, key: bytes) -> None:
         """Drop the checkpoint of the block stored under ``key`` (the block stays)."""
