@@ -20,7 +20,7 @@ import torch
 from . import snapshot
 from .block_store import StateSpec, StreamSpec
 from .device import DeviceTier, token_column
-from .hashing import Chain
+from .hashing import Chain, ChainMemo
 from .settings import PoolConfigError, PoolSettings
 from .snapshot import SnapshotError
 from .stats import BlockInfo, PoolStats
@@ -97,6 +97,7 @@ class KVPool:
         remote_tier = RedisTier(remote, timeout=remote_timeout) if remote else None
         self._tiers = Tiers(host, remote_tier) if host is not None or remote_tier is not None else None
         self.namespaces: dict[bytes, dict] = {}  # namespace -> {"model": fingerprint hex, "salt": ...}
+        self.chains = ChainMemo()  # recent prompts' chains: an extension hashes only its new blocks
 
     @property
     def backend(self) -> str:
@@ -190,6 +191,14 @@ class KVPool:
         row that was computed just before it, whose blocks the pool may have evicted since)."""
         with self._lock:
             self._hit_tokens += tokens
+
+    def count_lookup(self, query_tokens: int, hit_tokens: int) -> None:
+        """Count in :meth:`stats` a prompt of ``query_tokens`` tokens that took ``hit_tokens`` without
+        computing them and without :meth:`fetch` (a cache continuing from what it held)."""
+        with self._lock:
+            self._lookups += 1
+            self._query_tokens += query_tokens
+            self._hit_tokens += hit_tokens
 
     def reusable_tokens(self, chains: list[Chain], checkpointed: bool = False) -> list[int]:
         """Per row, how many leading tokens the device pool could serve now (a hint: nothing is pinned)."""
