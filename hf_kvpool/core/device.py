@@ -12,7 +12,6 @@ Rows are left-padded: column ``c`` of row ``b`` holds token ``c - pads[b]`` of t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -108,9 +107,7 @@ class DeviceTier:
         bs = self.block_size
         plan = GatherPlan()
         for row, (pad, ids) in enumerate(zip(pads, matched)):
-            need = columns - pad  # tokens this row takes from the pool
-            for j in range(math.ceil(max(need, 0) / bs)):
-                plan.add(ids[j], row, token_column(pad, j * bs), min(bs, need - j * bs))
+            plan.add_row(ids, row, token_column(pad, 0), columns - pad, bs)  # columns - pad: from the pool
         full = not any(pads)  # no pad column: every column is written
         streams = self.store.gather(plan, len(matched), columns, full=full, room=room)
         if not checkpointed:

@@ -11,7 +11,6 @@ device, dtype, heads, head_dim; checkpoint tensors) is known; a pool serves one 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +20,8 @@ import torch
 from . import snapshot
 from .block_store import StateSpec, StreamSpec
 from .device import DeviceTier, RowCommit, token_column
-from .hashing import Chain
-from .settings import PoolConfigError, PoolSettings
+from .hashing import Chain, ChainMemo
+from .settings import PoolConfigError, PoolSettings, check_strict, strict_mode
 from .snapshot import SnapshotError
 from .stats import BlockInfo, PoolStats
 from .tiers import HostTier, RedisTier, TierEntry, Tiers
@@ -43,9 +42,6 @@ __all__ = [
 # How KVPool.load(model=...) reads a model's fingerprint (hex) without importing transformers:
 # the hf_kvpool package registers it (see register_fingerprint_reader).
 _fingerprint_reader: Callable[[object], str] | None = None
-
-
-STRICT_ENV = "HF_KVPOOL_STRICT"
 
 
 def register_fingerprint_reader(reader: Callable[[object], str]) -> None:
@@ -106,16 +102,13 @@ class KVPool:
         remote_tier = RedisTier(remote, timeout=remote_timeout) if remote else None
         self._tiers = Tiers(host, remote_tier) if host is not None or remote_tier is not None else None
         self.namespaces: dict[bytes, dict] = {}  # namespace -> {"model": fingerprint hex, "salt": ...}
-        if strict is not None and not isinstance(strict, bool):
-            raise ValueError(f"strict must be True, False or None (read HF_KVPOOL_STRICT), got {strict!r}")
-        self._strict = strict
+        self.chains = ChainMemo()  # recent prompts' chains: an extension hashes only its new blocks
+        self._strict = check_strict(strict)
 
     @property
     def strict(self) -> bool:
         """Whether failures on the commit and fetch paths raise (see the class docstring)."""
-        if self._strict is not None:
-            return self._strict
-        return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes")
+        return strict_mode(self._strict)
 
     @property
     def backend(self) -> str:
@@ -209,6 +202,14 @@ class KVPool:
         row that was computed just before it, whose blocks the pool may have evicted since)."""
         with self._lock:
             self._hit_tokens += tokens
+
+    def count_lookup(self, query_tokens: int, hit_tokens: int) -> None:
+        """Count in :meth:`stats` a prompt of ``query_tokens`` tokens that took ``hit_tokens`` without
+        computing them and without :meth:`fetch` (a cache continuing from what it held)."""
+        with self._lock:
+            self._lookups += 1
+            self._query_tokens += query_tokens
+            self._hit_tokens += hit_tokens
 
     def reusable_tokens(self, chains: list[Chain], checkpointed: bool = False) -> list[int]:
         """Per row, how many leading tokens the device pool could serve now (a hint: nothing is pinned)."""
