@@ -82,6 +82,15 @@ class CallTracker:
         self.decoding = False  # past the prompt: checkpoints roll
         self.rolling: list[bytes | None] = [None] * len(pads)  # per row: key of the last rolled checkpoint
 
+    @property
+    def tokens(self) -> list[np.ndarray]:
+        """Per row, the token ids known on the host (its chain's blocks, then the rest): O(context),
+        for a call's start or end (``live.py``), never per block."""
+        return [
+            np.concatenate([np.frombuffer(b"".join(t for _, t in chain), dtype="<i8"), tail])
+            for chain, tail in zip(self.chains, self.tails)
+        ]
+
     # ---------------------------------------------------------------- hot path
     def record(self, layer_idx: int, streams: dict[str, torch.Tensor]) -> None:
         """New columns of one layer's streams, each ``[B, H, n, D]`` (kept by reference)."""
