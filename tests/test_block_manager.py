@@ -129,7 +129,7 @@ def test_commits_from_an_anchor_walk_only_new_blocks():
         anchor = m.publish(plan)
         assert anchor.index == end - 1
         m.check()
-    assert looked_up == [key for key, _ in c[4:10]]  # each commit looked up its new block only
+    assert looked_up == [key for key, _ in c[4:10] for _ in "rp"]  # its new block only (reserve, publish)
     m._by_key = dict(m._by_key)
     assert len(m.match(c, pin=False)) == 10
     # nothing new: no plan, and the anchor of the deepest stored block
@@ -182,3 +182,18 @@ def test_recency_order_matches_an_ordered_list():
         assert len(order) == len(ref)
     assert list(order) == ref and list(reversed(order)) == ref[::-1]
     assert all(i in order for i in ref) and -1 not in order
+
+
+def test_two_writers_of_the_same_blocks_publish_them_once():
+    """Plans are written outside the pool's lock, so two writers may reserve the same missing blocks:
+    the second publish frees its ids and keeps the first writer's blocks."""
+    m = BlockManager(8)
+    c = chain([1, 2, 3, 4, 5, 6])
+    first, second = m.reserve(c, 0), m.reserve(c, 0)
+    assert len(first.block_ids) == len(second.block_ids) == 3 and m.num_free == 2
+    m.publish(first)
+    anchor = m.publish(second)
+    assert first.published == first.block_ids and second.published == []
+    assert anchor.block.block_id == first.block_ids[-1]
+    assert m.num_stored == 3 and m.num_free == 5 and m.match(c, pin=False) == first.block_ids
+    m.check()

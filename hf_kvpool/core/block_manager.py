@@ -70,6 +70,8 @@ class CommitPlan:
     pinned: list[int] = field(default_factory=list)
     end: int | None = None  # the plan concerns ``chain[:end]`` (None: all of it)
     from_anchor: bool = False  # publish next to the parent, touching nothing else
+    published: list[int] = field(default_factory=list)  # by publish(): ids made visible (a block
+    # published by another writer since the reserve is not published twice: its reserved id is freed)
 
 
 class BlockManager(CheckpointSlots):
@@ -244,7 +246,13 @@ class BlockManager(CheckpointSlots):
         for offset, bid in enumerate(plan.block_ids):
             key, tokens = plan.chain[plan.first + offset]
             self._reserved.discard(bid)
+            same = self._by_key.get(key)
+            if same is not None and same.tokens == tokens and same.parent == parent:
+                self._free.append(bid)  # published meanwhile (the plan was written outside the lock)
+                parent = same.block_id
+                continue
             self._insert(bid, key, tokens, parent, next_to_parent=plan.from_anchor)
+            plan.published.append(bid)
             parent = bid
         self._unpin_present(plan.pinned)
         plan.pinned = []

@@ -19,12 +19,13 @@ import torch
 
 from . import snapshot
 from .block_store import StateSpec, StreamSpec
+from .commits import commit_rows
 from .device import DeviceTier, RowCommit, token_column
 from .hashing import Chain, ChainMemo
 from .settings import PoolConfigError, PoolSettings, check_strict, strict_mode
 from .snapshot import SnapshotError
 from .stats import BlockInfo, PoolStats
-from .tiers import HostTier, RedisTier, TierEntry, Tiers
+from .tiers import HostTier, RedisTier, Tiers
 
 __all__ = [
     "KVPool",
@@ -175,6 +176,7 @@ class KVPool:
                 return Fetched(0, None)
             manager = self._device.manager
         matched: list[list[int]] = []  # pinned until the end
+        served: Fetched | None = None
         try:
             with self._lock:
                 for chain in chains:
@@ -186,15 +188,18 @@ class KVPool:
                 columns = self._device.columns(matched, pads, max_columns, checkpointed)
                 if columns <= 0 or all(columns <= p for p in pads):
                     return Fetched(0, None)
-                streams, states = self._device.gather(matched, pads, columns, room, checkpointed)
-                if count:
-                    self._hit_tokens += sum(max(0, columns - p) for p in pads)
-                    self._checkpoint_hits += len(pads) if checkpointed else 0
-                return Fetched(columns, streams, states)
+                slots = self._device.checkpoint_slots(matched, pads, columns) if checkpointed else None
+            # the copy, outside the lock: pinned blocks (and their checkpoints) stay as they are
+            streams, states = self._device.gather(matched, pads, columns, room, slots)
+            served = Fetched(columns, streams, states)
+            return served
         finally:
             with self._lock:
                 for ids in matched:
                     manager.unpin(ids)
+                if served is not None and count:
+                    self._hit_tokens += sum(max(0, served.columns - p) for p in pads)
+                    self._checkpoint_hits += len(pads) if checkpointed else 0
 
     def count_hits(self, tokens: int) -> None:
         """Count ``tokens`` more prompt tokens as hits in :meth:`stats`: tokens a caller's prompt took
@@ -252,16 +257,7 @@ class KVPool:
         O(chain). Returns the blocks written."""
         if self._device is None:
             self.allocate([StreamSpec.of(t) for t in streams])
-        entries: list[TierEntry] = []
-        with self._lock:
-            device = self._device
-            for job in jobs:
-                updated = device.commit_row(streams, job)
-                if self._tiers is not None and self._tiers.remote is not None:
-                    entries.extend(device.entry(device.manager.block(bid)) for bid in updated)
-        if entries:
-            self._tiers.write_through(namespace, entries)  # network I/O, outside the lock
-        return sum(job.written for job in jobs)
+        return commit_rows(self._lock, self._device, self._tiers, jobs, streams, namespace)
 
     def drop_checkpoint(self, key: bytes) -> None:
         """Drop the checkpoint of the block stored under ``key`` (the block stays)."""
