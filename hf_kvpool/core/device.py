@@ -231,9 +231,8 @@ class DeviceTier:
         return list(plan.block_ids)
 
     # ------------------------------------------------------------------ snapshots
-    def export(self, namespaces: dict[bytes, dict]) -> snapshot.Snapshot:
-        """Everything stored, parents before children, on the host."""
-        blocks = self.manager.blocks_parents_first()
+    def export(self, namespaces: dict[bytes, dict], blocks: list[Block]) -> snapshot.Snapshot:
+        """``blocks`` (``manager.blocks_parents_first()``, pinned: read outside the lock), on the host."""
         ids = torch.tensor([b.block_id for b in blocks], dtype=torch.int64)
         with_state = [i for i, b in enumerate(blocks) if b.checkpoint is not None]
         states = self.checkpoints.read([blocks[i].checkpoint for i in with_state]) if with_state else []

@@ -1,9 +1,10 @@
 """KVPool: a bounded pool of fixed-size blocks of per-token state, keyed by chained prefix hashes.
 
 The pool is the thread-safe front of the device tier (``device.py``: bookkeeping and bytes) and
-the lower tiers (``tiers.py``: host memory, Redis). Matching, gathering and committing run under
-one lock, so a block being read is never evicted or overwritten under the reader; lower-tier
-look-ups and Redis writes run outside it, with the blocks involved pinned.
+the lower tiers (``tiers.py``: host memory, Redis). Bookkeeping runs under one lock; copies run
+outside it on blocks that pins (gathers, Redis copies, saves) or reservations (scatters:
+``commits.py``) protect, so a block being read is never evicted or overwritten under the reader.
+Lower-tier look-ups and Redis writes run outside it too.
 
 Storage is allocated on the first commit, when the layout of the model's state (per-token streams:
 device, dtype, heads, head_dim; checkpoint tensors) is known; a pool serves one layout.
@@ -252,9 +253,8 @@ class KVPool:
         return self.commit_rows([job], streams, namespace)
 
     def commit_rows(self, jobs: list[RowCommit], streams: list[torch.Tensor], namespace: bytes = b"") -> int:
-        """:meth:`commit` for several rows of the same ``streams`` at once (one lock acquisition).
-        A job that brings the anchor its chain's last commit returned costs O(new blocks), not
-        O(chain). Returns the blocks written."""
+        """:meth:`commit` for rows of ``streams`` at once (``commits.py``: the copies run outside the
+        lock; a job with its chain's last anchor costs O(new blocks)). Returns the blocks written."""
         if self._device is None:
             self.allocate([StreamSpec.of(t) for t in streams])
         return commit_rows(self._lock, self._device, self._tiers, jobs, streams, namespace)
@@ -344,7 +344,14 @@ class KVPool:
                 raise SnapshotError(
                     "this pool holds nothing yet (no generate() has filled it); nothing to save"
                 )
-            snap = self._device.export(self.namespaces)
+            device, blocks = self._device, self._device.manager.blocks_parents_first()
+            device.manager.pin(ids := [b.block_id for b in blocks])  # copied outside the lock
+            namespaces = dict(self.namespaces)
+        try:
+            snap = device.export(namespaces, blocks)
+        finally:
+            with self._lock:
+                device.manager.unpin(ids)
         return snapshot.write(path, snap)
 
     @classmethod
