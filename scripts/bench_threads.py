@@ -12,8 +12,10 @@ plus ``--turn`` new tokens), ``--new`` tokens generated per call. The same sessi
 each on a fresh pool, torch at one intra-op thread per Python thread (so threads, not torch's pool,
 share the cores), ``--repeats`` times alternating, best wall time kept. Throughput = tokens
 generated / wall time; the ratio N threads / 1 thread shows how much of the work overlaps (the
-model's forwards release the GIL; the pool's lock serialises what runs under it). The outputs of
-both runs are compared token for token.
+model's forwards release the GIL; the pool's lock serialises what runs under it). The pool's lock
+is timed too (a wrapper around it): seconds it was held, summed over threads, as a share of the
+wall time, a measure of what the threads must do one at a time that noise on a shared machine
+disturbs less than throughput. The outputs of both runs are compared token for token.
 
     python scripts/bench_threads.py                  # 4 threads
     python scripts/bench_threads.py --threads 4 --calls 4 --system 1024
@@ -51,6 +53,27 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+class TimedLock:
+    """The pool's RLock, timing how long it is held (outermost acquisitions only)."""
+
+    def __init__(self, lock):
+        self._lock, self.held, self._depth, self._since = lock, 0.0, threading.local(), {}
+
+    def __enter__(self):
+        self._lock.acquire()
+        depth = getattr(self._depth, "n", 0)
+        self._depth.n = depth + 1
+        if depth == 0:
+            self._since[threading.get_ident()] = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self._depth.n -= 1
+        if self._depth.n == 0:
+            self.held += time.perf_counter() - self._since.pop(threading.get_ident())
+        self._lock.release()
+
+
 def session(model, pool: KVPool, system: torch.Tensor, seed: int, args) -> tuple[int, list[torch.Tensor]]:
     """One agent session; returns (tokens generated, outputs)."""
     g = torch.Generator().manual_seed(seed)
@@ -69,6 +92,7 @@ def session(model, pool: KVPool, system: torch.Tensor, seed: int, args) -> tuple
 def run(model, system, args, threads: int) -> tuple[float, list[list[torch.Tensor]]]:
     """Wall seconds for every session (on ``threads`` threads: 1 or one per session), and outputs."""
     pool = KVPool(block_size=16)
+    pool._lock = timed = TimedLock(pool._lock)
     results: list = [None] * args.threads
     errors: list[BaseException] = []
 
@@ -90,6 +114,7 @@ def run(model, system, args, threads: int) -> tuple[float, list[list[torch.Tenso
     wall = time.perf_counter() - start
     if errors:
         raise errors[0]
+    run.lock_held = timed.held
     return wall, [outs for _, outs in results]
 
 
@@ -101,22 +126,30 @@ def main() -> None:
     generated = args.threads * args.calls * args.new
     session(model, KVPool(block_size=16), system[:, :64], 0, argparse.Namespace(**{**vars(args), "calls": 1}))
     best = {1: float("inf"), args.threads: float("inf")}
+    held = dict(best)
     outputs = {}
     for _ in range(args.repeats):
         for threads in (1, args.threads):
             wall, outs = run(model, system, args, threads)
-            best[threads] = min(best[threads], wall)
+            if wall < best[threads]:
+                best[threads], held[threads] = wall, run.lock_held
             outputs[threads] = outs
     identical = all(
         torch.equal(a, b) for s1, sn in zip(outputs[1], outputs[args.threads]) for a, b in zip(s1, sn)
     )
-    rows = [dict(threads=t, wall_s=w, tokens_per_s=generated / w) for t, w in best.items()]
+    rows = [
+        dict(threads=t, wall_s=w, tokens_per_s=generated / w, lock_held_s=held[t], lock_share=held[t] / w)
+        for t, w in best.items()
+    ]
     ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-    print(f"| threads | wall (s) | generated tokens/s | vs 1 thread |  ({args.label or 'this code'})")
-    print("|---:|---:|---:|---:|")
+    print(
+        f"| threads | wall (s) | generated tokens/s | vs 1 thread | lock held, s (share of wall) | {args.label}"
+    )
+    print("|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['threads']} | {r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x |"
+            f"| {r['threads']} | {r['wall_s']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{r['tokens_per_s'] / rows[0]['tokens_per_s']:.2f}x | {r['lock_held_s']:.3f} ({r['lock_share']:.1%}) |"
         )
     print(f"outputs identical across runs: {identical}")
     out = Path(args.out)
