@@ -115,8 +115,7 @@ class KVPool:
     @property
     def remote(self) -> str | None:
         """The URL of the shared Redis tier this pool reads and writes, or None."""
-        remote = self._tiers.remote if self._tiers is not None else None
-        return remote.url if remote is not None else None
+        return self._tiers.remote.url if self._tiers is not None and self._tiers.remote else None
 
     @property
     def lock(self) -> threading.RLock:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from ..core.pool import PoolConfigError
-from . import catchup, compat, live, prefill, registry
+from . import catchup, compat, live, prefill, registry, scratch
 from .registry import ModelState, warn_once
 from .tracker import CallTracker, split_name
 
@@ -202,7 +202,7 @@ def _prefill(
     if any(pads) and not state.pad_invariant:
         max_columns = 0  # the model's state depends on the padding (the tracker pools no padded row either)
     if max_columns > 0 and pool.layout is None and pool.remote is not None:
-        _lay_out_pool(module, cache, state, namespace, input_ids[:1, pads[0] : pads[0] + 1])
+        scratch.lay_out_pool(module, cache, state, namespace, input_ids[:1, pads[0] : pads[0] + 1])
     restorable = max_columns
     if state.single_steps and max_columns > 0:
         restorable = _single_step_limit(pool, state, chains, pads, length, max_columns, input_ids.device)
@@ -213,7 +213,7 @@ def _prefill(
     if max_columns > 0 and not held:
         jobs, whole = catchup.plan(pool, state, chains, pads, tokens, length, max_columns, input_ids.device)
     scratches = {
-        row: _catch_up(module, cache, state, tokens[row][: target + 1], input_ids.device)
+        row: scratch.catch_up(module, cache, state, tokens[row][: target + 1], input_ids.device)
         for row, target in jobs
     }
     if held:  # continue from the buffers the cache held: nothing copied out of the pool
@@ -273,41 +273,6 @@ def _single_step_limit(pool, state, chains, pads, length, max_columns, device) -
     than recomputing the columns they would save."""
     hint = min(p + n for p, n in zip(pads, pool.reusable_tokens(chains, state.checkpointed)))
     return max_columns if (length - 1 - hint) * catchup.forward_cost(device) < hint else 0
-
-
-def _lay_out_pool(module, cache, state: ModelState, namespace: bytes, token) -> None:
-    """A pool that has stored nothing yet has no storage, and a shared tier's blocks need storage of
-    the model's layout to land in: learn it from one token run through a scratch cache (once per
-    pool; the pool's first commit would otherwise set it, too late for this call's look-up)."""
-    scratch = type(cache)(pool=cache.pool, salt=cache.salt)
-    call = _find_call({"cache": scratch})[1]
-    call.bind(state)
-    call.inner = True  # the hooks leave this forward alone; the tracker records its streams
-    call.tracker = CallTracker(
-        cache.pool, namespace, scratch, state.kinds, [0], [token[0].cpu().numpy()], [[]], 0
-    )
-    inputs = dict(input_ids=token, cache=scratch, use_cache=True, logits_to_keep=1)
-    if state.attends:
-        inputs["position_ids"] = torch.zeros_like(token)
-    module(**inputs)
-    call.tracker.lay_out_pool()
-
-
-def _catch_up(module, cache, state: ModelState, tokens, device):
-    """Put one row's tokens in the pool: a prefill of its own, on a scratch cache of the same kind
-    that restores what the pool has and commits the rest; returns that cache."""
-    ids = torch.as_tensor(tokens, device=device).unsqueeze(0)
-    scratch = type(cache)(pool=cache.pool, salt=cache.salt)
-    call = _find_call({"cache": scratch})[1]
-    call.bind(state)
-    call.generate_started()
-    call.internal = True
-    call.auto = cache._call.auto
-    inputs = dict(input_ids=ids, cache=scratch, use_cache=True, logits_to_keep=1)
-    if state.attends:
-        inputs["position_ids"] = torch.arange(ids.shape[1], device=device).unsqueeze(0)
-    module(**inputs)
-    return scratch
 
 
 def _fetch(cache, state, pool, chains, pads, tokens, max_columns, namespace, length, count: bool):
