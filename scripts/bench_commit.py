@@ -54,12 +54,20 @@ def _kind():
 def commit_times(context: int, blocks: int, bs: int, layers: int) -> list[float]:
     """Seconds per completed-block commit at ``context`` tokens of history."""
     g = torch.Generator().manual_seed(context)
-    pool = KVPool(block_size=bs, capacity_bytes=2 * (context + (blocks + 2) * bs) * layers * 2 * HEADS * DIM * 4)
+    pool = KVPool(
+        block_size=bs, capacity_bytes=2 * (context + (blocks + 2) * bs) * layers * 2 * HEADS * DIM * 4
+    )
     namespace = b"\x01" * 16
     prompt = torch.randint(1, 50_000, (context,), generator=g).numpy()
     tracker = CallTracker(
-        pool, namespace, None, [_kind() for _ in range(layers)], [0], [prompt],
-        [block_hashes(prompt, bs, namespace)], 0,
+        pool,
+        namespace,
+        None,
+        [_kind() for _ in range(layers)],
+        [0],
+        [prompt],
+        [block_hashes(prompt, bs, namespace)],
+        0,
     )
     # the prefill: every layer's K and V for the whole prompt, committed at once
     for layer in range(layers):
@@ -92,9 +100,17 @@ def main() -> None:
     rows = []
     for context in args.contexts:
         times = commit_times(context, args.blocks, args.block_size, args.layers)
-        rows.append(dict(context=context, median_us=statistics.median(times) * 1e6, p90_us=np.percentile(times, 90) * 1e6))
+        rows.append(
+            dict(
+                context=context,
+                median_us=statistics.median(times) * 1e6,
+                p90_us=np.percentile(times, 90) * 1e6,
+            )
+        )
     base = rows[0]["median_us"]
-    print(f"| context (tokens) | commit per completed block, median (us) | p90 (us) | vs {args.contexts[0]} |")
+    print(
+        f"| context (tokens) | commit per completed block, median (us) | p90 (us) | vs {args.contexts[0]} |"
+    )
     print("|---:|---:|---:|---:|")
     for r in rows:
         r["ratio"] = r["median_us"] / base

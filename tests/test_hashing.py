@@ -43,3 +43,27 @@ def test_chain_matches_step_by_step_and_is_deterministic():
 def test_token_bytes_are_int64_little_endian():
     assert as_token_bytes([1, 256]) == (1).to_bytes(8, "little") + (256).to_bytes(8, "little")
     assert as_token_bytes(np.array([1, 256], dtype=np.int32)) == as_token_bytes([1, 256])
+
+
+def test_chain_memo_equals_block_hashes():
+    from hf_kvpool.core.hashing import ChainMemo
+
+    memo = ChainMemo(max_entries=3)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 1000, 100)
+    other = namespace_key("model", "other")
+    cases = [
+        (base[:40], NS),
+        (base[:90], NS),  # extends the first
+        (np.concatenate([base[:50], [7, 7, 7, 7, 7, 7, 7, 7]]), NS),  # diverges inside a block
+        (base[:90], other),  # same tokens, another namespace
+        (base[:3], NS),  # no full block
+        (base, NS),
+    ]
+    for tokens, ns in cases:
+        for bs in (4, 8):
+            got = memo.chain(tokens, bs, ns)
+            assert got == block_hashes(tokens, bs, ns)
+            got.append((b"x", b"y"))  # a caller extending its chain does not change the memo
+            assert memo.chain(tokens, bs, ns) == block_hashes(tokens, bs, ns)
+    assert len(memo._entries) <= 3

@@ -8,9 +8,15 @@ ancestors and no reachable chain has a missing ancestor. Chains of a namespace t
 matched again (its model's weights changed) are freed at once by :meth:`retire`, before eviction
 has to take any live block.
 
-LRU order is one ``OrderedDict``, front = least recently used, kept so that every block stands
+LRU order is one list (``lru.py``), front = least recently used, kept so that every block stands
 before its parent: a touch moves a chain to the back deepest-first. The front block is therefore
 always a leaf (or pinned), and eviction is O(1) amortised.
+
+Commits while decoding cost O(new blocks), not O(chain): a caller that committed a chain before
+holds an :class:`Anchor` (its deepest stored block, checked by identity: evicted and re-used ids
+never pass). A reserve from a live anchor walks only the blocks after it, touches nothing, and
+publishes each new block just before its parent in LRU order (so the chain keeps the recency it had
+when it was last looked up or committed in full: a lookup still moves the whole chain to the back).
 
 Writing a block is two-phase: :meth:`reserve` hands out free ids (evicting if needed),
 the caller writes K/V into them, then :meth:`publish` makes them visible, or :meth:`abort`
@@ -29,9 +35,11 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .checkpoint_slots import CheckpointSlots
 from .hashing import Chain
+from .lru import Recency
 
-__all__ = ["Block", "BlockManager", "CommitPlan"]
+__all__ = ["Anchor", "Block", "BlockManager", "CommitPlan"]
 
 
 @dataclass
@@ -45,6 +53,14 @@ class Block:
     checkpoint: int | None = None  # slot of the state at the end of this block, if one is kept
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """``block`` holds ``chain[index]`` of the chain it was returned for (valid while it is published)."""
+
+    index: int
+    block: Block
+
+
 @dataclass
 class CommitPlan:
     """Blocks ``chain[first : first + len(block_ids)]`` go into ``block_ids`` (reserved, unpublished)."""
@@ -54,9 +70,13 @@ class CommitPlan:
     block_ids: list[int]
     parent: int | None
     pinned: list[int] = field(default_factory=list)
+    end: int | None = None  # the plan concerns ``chain[:end]`` (None: all of it)
+    from_anchor: bool = False  # publish next to the parent, touching nothing else
+    published: list[int] = field(default_factory=list)  # by publish(): ids made visible (a block
+    # published by another writer since the reserve is not published twice: its reserved id is freed)
 
 
-class BlockManager:
+class BlockManager(CheckpointSlots):
     """Bookkeeping for ``num_blocks`` fixed-size blocks (see module docstring)."""
 
     def __init__(self, num_blocks: int, num_checkpoints: int = 0):
@@ -66,7 +86,7 @@ class BlockManager:
         self._free: deque[int] = deque(range(num_blocks))
         self._by_key: dict[bytes, Block] = {}
         self._blocks: dict[int, Block] = {}
-        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._lru = Recency()
         self._reserved: set[int] = set()
         self.evicted_blocks = 0
         self.retired_blocks = 0  # freed by retire(): their namespace can never be matched again
@@ -109,17 +129,29 @@ class BlockManager:
                 depth[n.block_id] = d
         return sorted(self._blocks.values(), key=lambda b: depth[b.block_id])
 
-    def _walk(self, chain: Chain) -> list[int]:
-        """Ids of the longest published prefix of ``chain``, verified by tokens and parent."""
+    def _walk(
+        self, chain: Chain, start: int = 0, parent: int | None = None, end: int | None = None
+    ) -> list[int]:
+        """Ids of the longest published run of ``chain[start:end]`` under ``parent``, verified by tokens
+        and parent (from the root: the longest published prefix of ``chain``)."""
         ids: list[int] = []
-        parent = None
-        for key, tokens in chain:
+        for n in range(start, len(chain) if end is None else end):
+            key, tokens = chain[n]
             blk = self._by_key.get(key)
             if blk is None or blk.tokens != tokens or blk.parent != parent:
                 break
             ids.append(blk.block_id)
             parent = blk.block_id
         return ids
+
+    def live(self, anchor: Anchor | None, chain: Chain) -> bool:
+        """Whether ``anchor`` still names the published block it named (for ``chain``)."""
+        return (
+            anchor is not None
+            and self._blocks.get(anchor.block.block_id) is anchor.block
+            and anchor.index < len(chain)
+            and chain[anchor.index][0] == anchor.block.key
+        )
 
     def _touch(self, ids: list[int]) -> None:
         """Mark a chain (root first) as just used: deepest to the back first, then its ancestors."""
@@ -162,17 +194,38 @@ class BlockManager:
         least-recently-used leaves) and returns the plan; the parent stays pinned until
         :meth:`publish` or :meth:`abort`. ``limit`` caps the number of blocks reserved.
         """
-        present = self._walk(chain)
-        self._touch(present)
-        first = len(present)
-        if first < data_from or first == len(chain):
-            return None
-        parent = present[-1] if present else None
+        return self.reserve_after(chain, data_from, None, limit)[0]
+
+    def reserve_after(
+        self,
+        chain: Chain,
+        data_from: int,
+        anchor: Anchor | None,
+        limit: int | None = None,
+        end: int | None = None,
+    ) -> tuple[CommitPlan | None, Anchor | None]:
+        """:meth:`reserve` for ``chain[:end]``; from a live ``anchor`` (see module docstring) only
+        the blocks after it are walked. Returns the plan and, when there is none, an anchor for
+        the deepest published block of ``chain[:end]`` (None if there is none)."""
+        end = len(chain) if end is None else end
+        from_anchor = self.live(anchor, chain) and anchor.index < end
+        if from_anchor:
+            start, base = anchor.index + 1, anchor.block.block_id
+            present = self._walk(chain, start, base, end)
+        else:
+            start, base = 0, None
+            present = self._walk(chain, end=end)
+            self._touch(present)
+        first = start + len(present)
+        if first < data_from or first == end:
+            last = present[-1] if present else base
+            return None, (None if last is None else Anchor(first - 1, self._blocks[last]))
+        parent = present[-1] if present else base
         pinned = [parent] if parent is not None else []
         self.pin(pinned)
         ids: list[int] = []
         try:
-            want = len(chain) - first if limit is None else min(limit, len(chain) - first)
+            want = end - first if limit is None else min(limit, end - first)
             while len(ids) < want:
                 if not self._free and not self._evict_one():
                     break
@@ -184,26 +237,43 @@ class BlockManager:
             raise
         if not ids:
             self._release(ids, pinned)
-            return None
-        return CommitPlan(chain=chain, first=first, block_ids=ids, parent=parent, pinned=pinned)
+            last = present[-1] if present else base
+            return None, (None if last is None else Anchor(first - 1, self._blocks[last]))
+        plan = CommitPlan(chain, first, ids, parent, pinned, end=end, from_anchor=from_anchor)
+        return plan, None
 
-    def publish(self, plan: CommitPlan) -> None:
-        """Make a plan's blocks visible (most recently used, with their chain)."""
+    def publish(self, plan: CommitPlan) -> Anchor:
+        """Make a plan's blocks visible (most recently used, with their chain; from an anchor, just
+        before their parent). Returns an anchor for the deepest one."""
         parent = plan.parent
         for offset, bid in enumerate(plan.block_ids):
             key, tokens = plan.chain[plan.first + offset]
             self._reserved.discard(bid)
-            self._insert(bid, key, tokens, parent)
+            same = self._by_key.get(key)
+            if same is not None and same.tokens == tokens and same.parent == parent:
+                self._free.append(bid)  # published meanwhile (the plan was written outside the lock)
+                parent = same.block_id
+                continue
+            self._insert(bid, key, tokens, parent, next_to_parent=plan.from_anchor)
+            plan.published.append(bid)
             parent = bid
         self._unpin_present(plan.pinned)
         plan.pinned = []
-        self._touch(self._walk(plan.chain))
+        if not plan.from_anchor:
+            self._touch(self._walk(plan.chain, end=plan.end))
+        return Anchor(plan.first + len(plan.block_ids) - 1, self._blocks[parent])
 
-    def _insert(self, bid: int, key: bytes, tokens: bytes, parent: int | None) -> None:
-        """The one place a block becomes visible: indexed by key, last in LRU order, counted."""
+    def _insert(
+        self, bid: int, key: bytes, tokens: bytes, parent: int | None, next_to_parent: bool = False
+    ) -> None:
+        """The one place a block becomes visible: indexed by key, last in LRU order (or just before
+        its parent), counted."""
         self._blocks[bid] = blk = Block(block_id=bid, key=key, parent=parent, tokens=tokens)
         self._by_key[key] = blk
-        self._lru[bid] = None
+        if next_to_parent and parent is not None:
+            self._lru.insert_before(bid, parent)
+        else:
+            self._lru[bid] = None
         if parent is not None:
             self._blocks[parent].children += 1
         self.published_blocks += 1
@@ -286,66 +356,6 @@ class BlockManager:
             self._lru.move_to_end(node)
             node = self._blocks[node].parent
         return bid
-
-    # ----------------------------------------------------------------- checkpoints
-    @property
-    def num_checkpointed(self) -> int:
-        return len(self._checkpointed)
-
-    def has_checkpoint(self, block_id: int) -> bool:
-        return self._blocks[block_id].checkpoint is not None
-
-    def checkpoint_of(self, block_id: int) -> int | None:
-        """The checkpoint slot of a published block (touched: it is about to be read)."""
-        slot = self._blocks[block_id].checkpoint
-        if slot is not None:
-            self._checkpointed.move_to_end(block_id)
-        return slot
-
-    def reserve_checkpoint(self, block_id: int) -> int | None:
-        """A slot for the checkpoint of published block ``block_id``, or None (it has one already,
-        or every slot belongs to a pinned block)."""
-        if self._blocks[block_id].checkpoint is not None:
-            return None
-        if not self._free_slots:
-            for bid in self._checkpointed:
-                if self._blocks[bid].pins == 0 and bid != block_id:
-                    self._drop_checkpoint(self._blocks[bid])
-                    break
-            else:
-                return None
-        slot = self._free_slots.popleft()
-        self._reserved_slots.add(slot)
-        return slot
-
-    def attach_checkpoint(self, block_id: int, slot: int) -> None:
-        """Make a written slot the checkpoint of ``block_id`` (released instead if the block is gone)."""
-        self._reserved_slots.discard(slot)
-        blk = self._blocks.get(block_id)
-        if blk is None or blk.checkpoint is not None:
-            self._free_slots.append(slot)
-            return
-        blk.checkpoint = slot
-        self._checkpointed[block_id] = None
-
-    def release_checkpoint(self, slot: int) -> None:
-        """Return a reserved slot unwritten."""
-        if slot in self._reserved_slots:
-            self._reserved_slots.discard(slot)
-            self._free_slots.append(slot)
-
-    def drop_checkpoint(self, key: bytes) -> None:
-        """Drop the checkpoint of the block stored under ``key`` (the block stays)."""
-        blk = self._by_key.get(key)
-        if blk is not None and blk.pins == 0:
-            self._drop_checkpoint(blk)
-
-    def _drop_checkpoint(self, blk: Block) -> None:
-        if blk.checkpoint is not None:
-            self._free_slots.append(blk.checkpoint)
-            del self._checkpointed[blk.block_id]
-            blk.checkpoint = None
-            self.evicted_checkpoints += 1
 
     def clear(self) -> None:
         """Forget every published block (reserved blocks stay reserved)."""

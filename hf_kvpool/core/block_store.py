@@ -20,8 +20,9 @@ the torch path and the dispatch to the Triton kernels).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import paging
@@ -82,28 +83,56 @@ class StateSpec:
         return f"{list(self.shape)} {self.dtype} on {self.device}"
 
 
-@dataclass
 class GatherPlan:
     """The copies of one gather: entry ``i`` puts the first ``ntok[i]`` tokens of block
-    ``block_ids[i]`` at row ``rows[i]``, columns ``cols[i] ...`` of the result."""
+    ``block_ids[i]`` at row ``rows[i]``, columns ``cols[i] ...`` of the result. Built a row at a
+    time (:meth:`add_row`: array operations, not a Python step per block) or an entry at a time."""
 
-    block_ids: list[int] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)
-    cols: list[int] = field(default_factory=list)
-    ntok: list[int] = field(default_factory=list)
+    def __init__(self):
+        self._parts: list[tuple[np.ndarray, ...]] = []
 
     def add(self, block_id: int, row: int, col: int, ntok: int) -> None:
-        self.block_ids.append(block_id)
-        self.rows.append(row)
-        self.cols.append(col)
-        self.ntok.append(ntok)
+        self._parts.append(tuple(np.array([x], dtype=np.int64) for x in (block_id, row, col, ntok)))
+
+    def add_row(self, block_ids, row: int, col: int, tokens: int, block_size: int) -> None:
+        """``tokens`` tokens of one row from its blocks ``block_ids`` (in order, enough of them), the
+        first at column ``col``: every block full but the last."""
+        n = -(-tokens // block_size)
+        if n <= 0:
+            return
+        ids = np.asarray(block_ids[:n], dtype=np.int64)
+        offsets = np.arange(n, dtype=np.int64) * block_size
+        ntok = np.full(n, block_size, dtype=np.int64)
+        ntok[-1] = tokens - offsets[-1]
+        self._parts.append((ids, np.full(n, row, dtype=np.int64), col + offsets, ntok))
+
+    def _column(self, k: int) -> np.ndarray:
+        if len(self._parts) != 1:  # merge the parts once
+            merged = (
+                tuple(np.concatenate([p[j] for p in self._parts]) for j in range(4)) if self._parts else None
+            )
+            self._parts = [merged] if merged is not None else []
+        return self._parts[0][k] if self._parts else np.zeros(0, dtype=np.int64)
+
+    @property
+    def block_ids(self) -> list[int]:
+        return self._column(0).tolist()
+
+    @property
+    def rows(self) -> list[int]:
+        return self._column(1).tolist()
+
+    @property
+    def cols(self) -> list[int]:
+        return self._column(2).tolist()
+
+    @property
+    def ntok(self) -> list[int]:
+        return self._column(3).tolist()
 
     def index(self, device: torch.device) -> list[torch.Tensor]:
         """The four int64 index tensors the copy functions take."""
-        return [
-            torch.tensor(x, dtype=torch.int64, device=device)
-            for x in (self.block_ids, self.rows, self.cols, self.ntok)
-        ]
+        return [torch.from_numpy(self._column(k)).to(device) for k in range(4)]
 
 
 @dataclass

@@ -12,17 +12,39 @@ Rows are left-padded: column ``c`` of row ``b`` holds token ``c - pads[b]`` of t
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
 from . import snapshot
-from .block_manager import Block, BlockManager
+from .block_manager import Anchor, Block, BlockManager, CommitPlan
 from .block_store import BlockStore, CheckpointStore, GatherPlan, StateSpec, StreamSpec
 from .hashing import ROOT, Chain, chain_hash
 from .tiers import TierEntry
 
-__all__ = ["DeviceTier", "token_column"]
+__all__ = ["DeviceTier", "RowCommit", "token_column"]
+
+
+@dataclass
+class RowCommit:
+    """What one row commits (see :meth:`KVPool.commit_rows`): the blocks ``chain[data_from:end]``
+    not stored yet, from row ``row`` of the streams, where token 0 of the chain is at column
+    ``first_column``; ``checkpoint`` (this row's state after ``chain[end - 1]``) attached to that
+    block; then the checkpoint of the block keyed ``drop_checkpoint`` dropped (it is replaced).
+
+    ``anchor``: in, the anchor the last commit of this chain returned (or None); out, one for the
+    deepest stored block of ``chain[:end]``. ``written``: out, the blocks written."""
+
+    chain: Chain
+    data_from: int
+    row: int
+    first_column: int
+    end: int | None = None
+    checkpoint: list[torch.Tensor] | None = None
+    drop_checkpoint: bytes | None = None
+    anchor: Anchor | None = None
+    written: int = 0
+    plan: CommitPlan | None = None  # between plan_row and finish_row
 
 
 def token_column(pad: int, token: int) -> int:
@@ -78,43 +100,70 @@ class DeviceTier:
             common = ok if common is None else common & ok
         return max((c for c in common or () if c <= max_columns), default=0)
 
+    def checkpoint_slots(self, matched: list[list[int]], pads: list[int], columns: int) -> list[int]:
+        """Per row, the slot of its checkpoint at column ``columns`` (bookkeeping: under the lock)."""
+        bs = self.block_size
+        return [self.manager.checkpoint_of(ids[(columns - pad) // bs - 1]) for pad, ids in zip(pads, matched)]
+
     def gather(
-        self, matched: list[list[int]], pads: list[int], columns: int, room, checkpointed: bool
+        self, matched: list[list[int]], pads: list[int], columns: int, room, slots: list[int] | None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """Per stream ``[B, H, >= columns, D]`` (pad columns zero) and, with checkpoints, per state
-        tensor ``[B, ...]`` at column ``columns``."""
+        """Per stream ``[B, H, >= columns, D]`` (pad columns zero) and, given ``slots``
+        (:meth:`checkpoint_slots`), per state tensor ``[B, ...]`` at column ``columns``. Reads no
+        bookkeeping: runs outside the pool's lock, on pinned blocks."""
         bs = self.block_size
         plan = GatherPlan()
         for row, (pad, ids) in enumerate(zip(pads, matched)):
-            need = columns - pad  # tokens this row takes from the pool
-            for j in range(math.ceil(max(need, 0) / bs)):
-                plan.add(ids[j], row, token_column(pad, j * bs), min(bs, need - j * bs))
+            plan.add_row(ids, row, token_column(pad, 0), columns - pad, bs)  # columns - pad: from the pool
         full = not any(pads)  # no pad column: every column is written
         streams = self.store.gather(plan, len(matched), columns, full=full, room=room)
-        if not checkpointed:
-            return streams, None
-        slots = [
-            self.manager.checkpoint_of(ids[(columns - pad) // bs - 1]) for pad, ids in zip(pads, matched)
-        ]
-        return streams, self.checkpoints.read(slots)
+        return streams, None if slots is None else self.checkpoints.read(slots)
 
     # ------------------------------------------------------------------ write
-    def write(
-        self, chain: Chain, data_from: int, streams: list[torch.Tensor], row: int, first_column: int
-    ) -> list[int]:
-        """Write the blocks of ``chain`` not stored yet (see :meth:`KVPool.commit`); returns their ids."""
-        plan = self.manager.reserve(chain, data_from)
-        if plan is None:
-            return []
-        try:
-            bs = self.block_size
-            cols = [first_column + (plan.first + i) * bs for i in range(len(plan.block_ids))]
-            self.store.scatter(streams, plan.block_ids, [row] * len(cols), cols)
-        except BaseException:
-            self.manager.abort(plan)
-            raise
-        self.manager.publish(plan)
-        return list(plan.block_ids)
+    # A commit is three steps: plan (bookkeeping, under the pool's lock), scatter (the copy, outside
+    # it: the blocks are reserved, invisible and never evicted, and each plan pins its parent), finish
+    # (publish, checkpoints, under the lock again). See KVPool.commit_rows.
+    def plan_row(self, job: RowCommit) -> None:
+        """Reserve the blocks of ``job.chain[:job.end]`` not stored yet (from a live anchor, only the
+        blocks after it are looked at); ``job.plan`` (None: nothing to write)."""
+        job.plan, deepest = self.manager.reserve_after(job.chain, job.data_from, job.anchor, end=job.end)
+        if job.plan is None:
+            job.anchor = deepest
+
+    def scatter_rows(self, streams: list[torch.Tensor], jobs: list[RowCommit]) -> None:
+        """Write every planned block of ``jobs`` (one scatter for all rows; no bookkeeping read)."""
+        ids, rows, cols = [], [], []
+        for job in jobs:
+            if job.plan is not None:
+                n = len(job.plan.block_ids)
+                ids += job.plan.block_ids
+                rows += [job.row] * n
+                cols += [job.first_column + (job.plan.first + i) * self.block_size for i in range(n)]
+        if ids:
+            self.store.scatter(streams, ids, rows, cols)
+
+    def abort_rows(self, jobs: list[RowCommit]) -> None:
+        for job in jobs:
+            if job.plan is not None:
+                self.manager.abort(job.plan)
+                job.plan = None
+
+    def finish_row(self, job: RowCommit) -> list[int]:
+        """Publish a written plan, attach the row's checkpoint, drop the one it replaces. Returns the
+        ids of the blocks published or given a checkpoint."""
+        written: list[int] = []
+        if job.plan is not None:
+            job.anchor = self.manager.publish(job.plan)
+            written, job.plan = job.plan.published, None
+        job.written = len(written)
+        end = len(job.chain) if job.end is None else job.end
+        updated = written
+        last = job.anchor.block.block_id if job.anchor is not None and job.anchor.index == end - 1 else None
+        if job.checkpoint is not None and last is not None and self.attach(last, job.checkpoint):
+            updated = written if last in written else [*written, last]
+        if job.drop_checkpoint is not None:
+            self.manager.drop_checkpoint(job.drop_checkpoint)
+        return updated
 
     def attach(self, block_id: int, state: list[torch.Tensor]) -> bool:
         """Store ``state`` as the checkpoint of ``block_id``; False if it has one or no slot is free."""
@@ -139,6 +188,25 @@ class DeviceTier:
         return self.manager.retire(dead)
 
     # ------------------------------------------------------------------ lower tiers
+    def pin_entries(self, ids: list[int]) -> list[tuple[Block, bytes | None, int | None]]:
+        """Pin blocks about to be copied out (:meth:`read_entries`, outside the lock); unpin after."""
+        self.manager.pin(ids)
+        blocks = [self.manager.block(i) for i in ids]
+        return [(b, self.manager.parent_key(b), b.checkpoint) for b in blocks]
+
+    def read_entries(self, pinned: list[tuple[Block, bytes | None, int | None]]) -> list[TierEntry]:
+        """Host copies of pinned blocks (and their checkpoints, which pins keep in place)."""
+        return [
+            TierEntry(
+                b.key,
+                parent_key,
+                b.tokens,
+                self.store.read_block(b.block_id, pin=True),
+                None if slot is None else self.checkpoints.read_slot(slot, pin=True),
+            )
+            for b, parent_key, slot in pinned
+        ]
+
     def entry(self, blk: Block, wait: bool = True) -> TierEntry:
         """A host copy of a stored block with its key, parent key, tokens and checkpoint.
 
@@ -172,9 +240,8 @@ class DeviceTier:
         return list(plan.block_ids)
 
     # ------------------------------------------------------------------ snapshots
-    def export(self, namespaces: dict[bytes, dict]) -> snapshot.Snapshot:
-        """Everything stored, parents before children, on the host."""
-        blocks = self.manager.blocks_parents_first()
+    def export(self, namespaces: dict[bytes, dict], blocks: list[Block]) -> snapshot.Snapshot:
+        """``blocks`` (``manager.blocks_parents_first()``, pinned: read outside the lock), on the host."""
         ids = torch.tensor([b.block_id for b in blocks], dtype=torch.int64)
         with_state = [i for i, b in enumerate(blocks) if b.checkpoint is not None]
         states = self.checkpoints.read([blocks[i].checkpoint for i in with_state]) if with_state else []

@@ -8,6 +8,7 @@ pool compares the stored token ids and parent on every hit, so a collision never
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +18,7 @@ __all__ = [
     "ROOT",
     "HASH_SCHEME",
     "Chain",
+    "ChainMemo",
     "as_token_bytes",
     "block_hashes",
     "chain_hash",
@@ -75,3 +77,65 @@ def extend_chain(
     done = len(chain) * block_size
     parent = chain[-1][0] if chain else ROOT
     chain.extend(block_hashes(token_ids[done:], block_size, namespace, parent))
+
+
+class ChainMemo:
+    """The chains of recent prompts, so that a prompt extending one (the next turn of an agent
+    loop, a longer prompt of the same document) hashes only the blocks it adds.
+
+    A hit is decided by comparing token ids (one vectorized compare per remembered prompt), never
+    by a key alone, and within one namespace and block size only. Holds at most ``max_tokens``
+    tokens' worth of chains, least recently used dropped first. Thread-safe.
+    """
+
+    def __init__(self, max_tokens: int = 1 << 20, max_entries: int = 16):
+        self.max_tokens, self.max_entries = max_tokens, max_entries
+        # (namespace, block_size) -> list of (tokens of the full blocks, chain), most recent last
+        self._entries: list[tuple[bytes, int, np.ndarray, Chain]] = []
+        self._lock = threading.Lock()
+
+    def chain(self, token_ids: Sequence[int] | np.ndarray, block_size: int, namespace: bytes) -> Chain:
+        """``block_hashes(token_ids, block_size, namespace)``, from a remembered prefix where one fits."""
+        tokens = np.ascontiguousarray(token_ids, dtype=np.int64)
+        full = len(tokens) // block_size * block_size
+        with self._lock:
+            best, best_blocks = None, 0
+            for n, (ns, bs, held, _chain) in enumerate(self._entries):
+                if ns != namespace or bs != block_size:
+                    continue
+                blocks = _common_blocks(held, tokens[:full], bs)
+                if blocks > best_blocks:
+                    best, best_blocks = n, blocks
+            chain = list(self._entries[best][3][:best_blocks]) if best is not None else []
+        extend_chain(chain, tokens, block_size, namespace)
+        if chain:
+            self._remember(namespace, block_size, tokens[:full].copy(), chain, best, best_blocks)
+        return chain
+
+    def _remember(self, namespace, block_size, tokens, chain, best, best_blocks) -> None:
+        with self._lock:
+            # a prompt that extends a remembered one replaces it (its chain holds the other's)
+            if best is not None and best < len(self._entries):
+                ns, bs, held, _ = self._entries[best]
+                if ns == namespace and bs == block_size and best_blocks * bs == len(held):
+                    del self._entries[best]
+            self._entries.append((namespace, block_size, tokens, list(chain)))
+            total = sum(len(e[2]) for e in self._entries)
+            while len(self._entries) > self.max_entries or (
+                total > self.max_tokens and len(self._entries) > 1
+            ):
+                total -= len(self._entries.pop(0)[2])
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _common_blocks(a: np.ndarray, b: np.ndarray, block_size: int) -> int:
+    """Leading full blocks on which ``a`` and ``b`` (int64 token ids) agree."""
+    n = min(len(a), len(b)) // block_size * block_size
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(a[:n] != b[:n])
+    same = n if len(differ) == 0 else int(differ[0])
+    return same // block_size

@@ -12,6 +12,7 @@ only when asked for) are tested against; ``gather`` / ``scatter`` pick the backe
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["gather", "scatter", "torch_gather", "torch_scatter"]
@@ -28,6 +29,20 @@ def _runs(rows: list[int], cols: list[int], ntok: list[int], bs: int) -> list[tu
             runs.append((i0, i, rows[i0], cols[i0], sum(ntok[i0:i])))
             i0 = i
     return runs
+
+
+def _run_bounds(rows: np.ndarray, cols: np.ndarray, ntok: np.ndarray, bs: int) -> np.ndarray:
+    """Start indices of the runs of :func:`_runs` (plus ``len(rows)``), found with array operations:
+    a run breaks where the row changes, the columns do not follow block after block, or the entry
+    before was a partial block."""
+    n = len(rows)
+    breaks = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + bs) | (ntok[:-1] != bs)
+    return np.concatenate([[0], np.flatnonzero(breaks) + 1, [n]])
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    """Float8 as int8 (CPU indexing kernels lack it); other dtypes unchanged."""
+    return t.view(torch.int8) if t.element_size() == 1 and t.is_floating_point() else t
 
 
 def torch_gather(
@@ -51,18 +66,43 @@ def torch_gather(
             their value (callers pass zeros).
     Returns:
         ``out``.
+
+    A run of full blocks that land one after another in a row (a pooled prefix: the usual case) is
+    one ``index_select`` straight into ``out`` (a strided view of it: no temporary); a partial block
+    is one copy. The number of Python-level operations is per run, not per block.
     """
     if block_ids.numel() == 0:
         return out
-    n_blocks, n_layers, _, heads, bs, dim = storage.shape
-    ntok_l = ntok.tolist()
-    if max(ntok_l) > bs or min(ntok_l) < 1:
+    n_blocks, n_layers, n_fields, heads, bs, dim = storage.shape
+    ids_n, rows_n, cols_n, ntok_n = (x.cpu().numpy() for x in (block_ids, rows, dst_cols, ntok))
+    if ntok_n.max() > bs or ntok_n.min() < 1:
         raise ValueError(f"ntok must be in [1, {bs}]")
-    # one strided copy per block, straight into ``out`` (no temporary: large fresh buffers cost
-    # page faults on CPU that exceed the copy itself)
-    for bid, row, col, n in zip(block_ids.tolist(), rows.tolist(), dst_cols.tolist(), ntok_l):
-        out[:, :, row, :, col : col + n].copy_(storage[bid, :, :, :, :n])
-    return out
+    result = out
+    storage, out = _as_bits(storage), _as_bits(out)
+    # one block of one (layer, field, head) is bs * dim contiguous elements in storage and in out
+    vectorized = storage.stride(5) == 1 and storage.stride(4) == dim and out.stride(5) == 1
+    vectorized = vectorized and out.stride(4) == dim
+    src = storage.view(n_blocks, n_layers, n_fields, heads, bs * dim) if vectorized else None
+    bounds = _run_bounds(rows_n, cols_n, ntok_n, bs)
+    for i0, i1 in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        row, col = int(rows_n[i0]), int(cols_n[i0])
+        full = i1 - i0 - (1 if ntok_n[i1 - 1] != bs else 0)
+        if vectorized and full > 1:
+            # out[:, :, row, :, col + j*bs : col + (j+1)*bs] for every j, as [full, L, P, H, bs*D]
+            dst = out.as_strided(
+                (full, n_layers, n_fields, heads, bs * dim),
+                (bs * dim, out.stride(0), out.stride(1), out.stride(3), 1),
+                out.storage_offset() + row * out.stride(2) + col * out.stride(4),
+            )
+            torch.index_select(src, 0, block_ids[i0 : i0 + full], out=dst)
+            done = i0 + full
+        else:
+            done = i0
+        # one strided copy per block left (partial blocks; layouts the view above cannot take)
+        for i in range(done, i1):
+            n, c = int(ntok_n[i]), int(cols_n[i])
+            out[:, :, row, :, c : c + n].copy_(storage[int(ids_n[i]), :, :, :, :n])
+    return result
 
 
 def torch_scatter(

@@ -1,9 +1,10 @@
 """KVPool: a bounded pool of fixed-size blocks of per-token state, keyed by chained prefix hashes.
 
 The pool is the thread-safe front of the device tier (``device.py``: bookkeeping and bytes) and
-the lower tiers (``tiers.py``: host memory, Redis). Matching, gathering and committing run under
-one lock, so a block being read is never evicted or overwritten under the reader; lower-tier
-look-ups and Redis writes run outside it, with the blocks involved pinned.
+the lower tiers (``tiers.py``: host memory, Redis). Bookkeeping runs under one lock; copies run
+outside it on blocks that pins (gathers, Redis copies, saves) or reservations (scatters:
+``commits.py``) protect, so a block being read is never evicted or overwritten under the reader.
+Lower-tier look-ups and Redis writes run outside it too.
 
 Storage is allocated on the first commit, when the layout of the model's state (per-token streams:
 device, dtype, heads, head_dim; checkpoint tensors) is known; a pool serves one layout.
@@ -11,7 +12,6 @@ device, dtype, heads, head_dim; checkpoint tensors) is known; a pool serves one 
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 
@@ -19,12 +19,13 @@ import torch
 
 from . import snapshot
 from .block_store import StateSpec, StreamSpec
-from .device import DeviceTier, token_column
-from .hashing import Chain
-from .settings import PoolConfigError, PoolSettings
+from .commits import commit_rows
+from .device import DeviceTier, RowCommit, token_column
+from .hashing import Chain, ChainMemo
+from .settings import PoolConfigError, PoolSettings, check_strict, strict_mode
 from .snapshot import SnapshotError
 from .stats import BlockInfo, Fetched, PoolStats
-from .tiers import HostTier, RedisTier, TierEntry, Tiers
+from .tiers import HostTier, RedisTier, Tiers
 
 __all__ = [
     "KVPool",
@@ -33,6 +34,7 @@ __all__ = [
     "Fetched",
     "LayoutMismatchError",
     "PoolConfigError",
+    "RowCommit",
     "SnapshotError",
     "register_fingerprint_reader",
     "token_column",
@@ -41,9 +43,6 @@ __all__ = [
 # How KVPool.load(model=...) reads a model's fingerprint (hex) without importing transformers:
 # the hf_kvpool package registers it (see register_fingerprint_reader).
 _fingerprint_reader: Callable[[object], str] | None = None
-
-
-STRICT_ENV = "HF_KVPOOL_STRICT"
 
 
 def register_fingerprint_reader(reader: Callable[[object], str]) -> None:
@@ -95,16 +94,13 @@ class KVPool:
         remote_tier = RedisTier(remote, timeout=remote_timeout) if remote else None
         self._tiers = Tiers(host, remote_tier) if host is not None or remote_tier is not None else None
         self.namespaces: dict[bytes, dict] = {}  # namespace -> {"model": fingerprint hex, "salt": ...}
-        if strict is not None and not isinstance(strict, bool):
-            raise ValueError(f"strict must be True, False or None (read HF_KVPOOL_STRICT), got {strict!r}")
-        self._strict = strict
+        self.chains = ChainMemo()  # recent prompts' chains: an extension hashes only its new blocks
+        self._strict = check_strict(strict)
 
     @property
     def strict(self) -> bool:
         """Whether failures on the commit and fetch paths raise (see the class docstring)."""
-        if self._strict is not None:
-            return self._strict
-        return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes")
+        return strict_mode(self._strict)
 
     @property
     def backend(self) -> str:
@@ -119,8 +115,7 @@ class KVPool:
     @property
     def remote(self) -> str | None:
         """The URL of the shared Redis tier this pool reads and writes, or None."""
-        remote = self._tiers.remote if self._tiers is not None else None
-        return remote.url if remote is not None else None
+        return self._tiers.remote.url if self._tiers is not None and self._tiers.remote else None
 
     @property
     def lock(self) -> threading.RLock:
@@ -177,6 +172,7 @@ class KVPool:
                 return Fetched(0, None)
             manager = self._device.manager
         matched: list[list[int]] = []  # pinned until the end
+        served: Fetched | None = None
         try:
             with self._lock:
                 for chain in chains:
@@ -188,15 +184,18 @@ class KVPool:
                 columns = self._device.columns(matched, pads, max_columns, checkpointed)
                 if columns <= 0 or all(columns <= p for p in pads):
                     return Fetched(0, None)
-                streams, states = self._device.gather(matched, pads, columns, room, checkpointed)
-                if count:
-                    self._hit_tokens += sum(max(0, columns - p) for p in pads)
-                    self._checkpoint_hits += len(pads) if checkpointed else 0
-                return Fetched(columns, streams, states)
+                slots = self._device.checkpoint_slots(matched, pads, columns) if checkpointed else None
+            # the copy, outside the lock: pinned blocks (and their checkpoints) stay as they are
+            streams, states = self._device.gather(matched, pads, columns, room, slots)
+            served = Fetched(columns, streams, states)
+            return served
         finally:
             with self._lock:
                 for ids in matched:
                     manager.unpin(ids)
+                if served is not None and count:
+                    self._hit_tokens += sum(max(0, served.columns - p) for p in pads)
+                    self._checkpoint_hits += len(pads) if checkpointed else 0
 
     def count_hits(self, tokens: int) -> None:
         """Count ``tokens`` more prompt tokens as hits in :meth:`stats`: tokens a caller's prompt took
@@ -204,6 +203,14 @@ class KVPool:
         row that was computed just before it, whose blocks the pool may have evicted since)."""
         with self._lock:
             self._hit_tokens += tokens
+
+    def count_lookup(self, query_tokens: int, hit_tokens: int) -> None:
+        """Count in :meth:`stats` a prompt of ``query_tokens`` tokens that took ``hit_tokens`` without
+        computing them and without :meth:`fetch` (a cache continuing from what it held)."""
+        with self._lock:
+            self._lookups += 1
+            self._query_tokens += query_tokens
+            self._hit_tokens += hit_tokens
 
     def reusable_tokens(self, chains: list[Chain], checkpointed: bool = False) -> list[int]:
         """Per row, how many leading tokens the device pool could serve now (a hint: nothing is pinned)."""
@@ -237,27 +244,15 @@ class KVPool:
         :meth:`allocate` was called). Returns the number of blocks written (fewer than asked when the
         pool is full of pinned blocks).
         """
+        job = RowCommit(chain, data_from, row, first_column, checkpoint=checkpoint)
+        return self.commit_rows([job], streams, namespace)
+
+    def commit_rows(self, jobs: list[RowCommit], streams: list[torch.Tensor], namespace: bytes = b"") -> int:
+        """:meth:`commit` for rows of ``streams`` at once (``commits.py``: the copies run outside the
+        lock; a job with its chain's last anchor costs O(new blocks)). Returns the blocks written."""
         if self._device is None:
             self.allocate([StreamSpec.of(t) for t in streams])
-        entries: list[TierEntry] = []
-        with self._lock:
-            device = self._device
-            written = device.write(chain, data_from, streams, row, first_column)
-            stored = device.manager.match(chain, pin=False) if chain else []
-            if (
-                checkpoint is not None
-                and stored
-                and len(stored) == len(chain)
-                and device.attach(stored[-1], checkpoint)
-            ):
-                written_or_updated = [*written, stored[-1]] if stored[-1] not in written else written
-            else:
-                written_or_updated = written
-            if self._tiers is not None and self._tiers.remote is not None:
-                entries = [device.entry(device.manager.block(bid)) for bid in written_or_updated]
-        if entries:
-            self._tiers.write_through(namespace, entries)  # network I/O, outside the lock
-        return len(written)
+        return commit_rows(self._lock, self._device, self._tiers, jobs, streams, namespace)
 
     def drop_checkpoint(self, key: bytes) -> None:
         """Drop the checkpoint of the block stored under ``key`` (the block stays)."""
@@ -349,7 +344,14 @@ class KVPool:
                 raise SnapshotError(
                     "this pool holds nothing yet (no generate() has filled it); nothing to save"
                 )
-            snap = self._device.export(self.namespaces)
+            device, blocks = self._device, self._device.manager.blocks_parents_first()
+            device.manager.pin(ids := [b.block_id for b in blocks])  # copied outside the lock
+            namespaces = dict(self.namespaces)
+        try:
+            snap = device.export(namespaces, blocks)
+        finally:
+            with self._lock:
+                device.manager.unpin(ids)
         return snapshot.write(path, snap)
 
     @classmethod

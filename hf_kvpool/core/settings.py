@@ -5,6 +5,7 @@ Kept apart from ``pool.py`` so that the pool reads as lock, fetch, commit and st
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,9 @@ __all__ = [
     "CHECKPOINT_SHARE",
     "PoolConfigError",
     "PoolSettings",
+    "STRICT_ENV",
+    "check_strict",
+    "strict_mode",
 ]
 
 CPU_DEFAULT_CAPACITY_BYTES = 1 << 30  # 1 GiB when the model's K/V lives in host memory
@@ -25,6 +29,20 @@ CUDA_DEFAULT_FREE_FRACTION = 0.25  # share of the device's free memory when the 
 CHECKPOINT_SHARE = 0.25  # share of the capacity that holds checkpoints, for models that have them
 STATELESS_BLOCKS_PER_SLOT = 64  # blocks (token bookkeeping only) per checkpoint slot when no layer has K/V
 BACKENDS = ("auto", "torch", "triton")
+STRICT_ENV = "HF_KVPOOL_STRICT"  # "1": failures on the commit and fetch paths raise (KVPool(strict=None))
+
+
+def check_strict(strict: bool | None) -> bool | None:
+    if strict is not None and not isinstance(strict, bool):
+        raise ValueError(f"strict must be True, False or None (read {STRICT_ENV}), got {strict!r}")
+    return strict
+
+
+def strict_mode(strict: bool | None) -> bool:
+    """A pool's ``strict`` setting, or (None) the environment variable, read now."""
+    if strict is not None:
+        return strict
+    return os.environ.get(STRICT_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 class PoolConfigError(ValueError):

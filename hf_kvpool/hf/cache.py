@@ -120,9 +120,10 @@ class PooledCache(compat.GenerateStartSignal, DynamicCache):
     def _on_generate_start(self) -> None:
         # a new generation: whatever the cache holds from an earlier call is dropped (the pool has
         # it) and the next forward is a prefill that may take prefixes from the pool
+        # (what it held may be continued from instead: ``live.py``)
+        self._call.generate_started(self if self._call.binding is not None else None)
         if self._call.binding is not None:
             DynamicCache.reset(self)
-        self._call.generate_started()
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self._call.on_update(layer_idx, "update", (key_states, value_states))

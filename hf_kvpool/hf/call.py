@@ -31,9 +31,8 @@ from collections.abc import Callable
 
 import torch
 
-from ..core.hashing import block_hashes
 from ..core.pool import PoolConfigError
-from . import catchup, compat, prefill, registry
+from . import catchup, compat, live, prefill, registry, scratch
 from .registry import ModelState, warn_once
 from .tracker import CallTracker, split_name
 
@@ -57,6 +56,7 @@ class CallState:
         self.auto = False  # the cache was made by generate() (auto mode), not by the caller
         self.tracker: CallTracker | None = None
         self.reused_tokens: list[int] = []
+        self.live: live.Live | None = None  # what the cache held after its last call (``live.py``)
         self._on_bind = on_bind
 
     def bind(self, state: ModelState) -> None:
@@ -70,7 +70,9 @@ class CallState:
             self._on_bind(state)
             self.binding = state
 
-    def generate_started(self) -> None:
+    def generate_started(self, cache=None) -> None:
+        """generate() starts; ``cache`` (about to be emptied) may be continued from (``live.py``)."""
+        self.live = live.keep(self, cache) if cache is not None else None
         self.tracker = None
         self.armed = True
 
@@ -88,6 +90,7 @@ class CallState:
     def reset(self) -> None:
         self.tracker = None
         self.armed = False
+        self.live = None
 
     def on_update(self, layer_idx: int, method: str, args: tuple) -> None:
         """``cache.<method>(*args, layer_idx)`` was called (``update``, ``update_indexer``)."""
@@ -143,6 +146,7 @@ def pre_forward(module, args, kwargs):
                 call.stop()
         return None
     armed = call.take_prefill()
+    held_before, call.live = call.live, None  # what the cache held after its last call, if anything
     if input_ids is None:
         warn_once("inputs_embeds without input_ids cannot be matched to pooled tokens")
         return None
@@ -151,10 +155,12 @@ def pre_forward(module, args, kwargs):
     if input_ids.ndim != 2:
         warn_once(f"input_ids of shape {tuple(input_ids.shape)} are not [batch, seq]")
         return None
-    return _prefill(module, state, cache, call, input_ids, args, kwargs, armed)
+    return _prefill(module, state, cache, call, input_ids, args, kwargs, armed, held_before)
 
 
-def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args, kwargs, armed: bool):
+def _prefill(
+    module, state: ModelState, cache, call: CallState, input_ids, args, kwargs, armed: bool, previous=None
+):
     batch, length = input_ids.shape
     call.reused_tokens = [0] * batch
     ids = input_ids.cpu().numpy()
@@ -182,7 +188,7 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
     autocast = compat.autocast_state(module, scan.devices | {input_ids.device.type})
     namespace = registry.namespace(pool, digest, cache.salt, autocast)
     tokens = [ids[b, pads[b] :] for b in range(batch)]
-    chains = [block_hashes(t, pool.block_size, namespace) for t in tokens]
+    chains = [pool.chains.chain(t, pool.block_size, namespace) for t in tokens]
     max_columns = 0
     if armed:
         max_columns, why_not = prefill.reusable_columns(module, kwargs, length)
@@ -196,26 +202,35 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
     if any(pads) and not state.pad_invariant:
         max_columns = 0  # the model's state depends on the padding (the tracker pools no padded row either)
     if max_columns > 0 and pool.layout is None and pool.remote is not None:
-        _lay_out_pool(module, cache, state, namespace, input_ids[:1, pads[0] : pads[0] + 1])
+        scratch.lay_out_pool(module, cache, state, namespace, input_ids[:1, pads[0] : pads[0] + 1])
     restorable = max_columns
     if state.single_steps and max_columns > 0:
         restorable = _single_step_limit(pool, state, chains, pads, length, max_columns, input_ids.device)
+    held = live.columns(previous, namespace, tokens, pads, restorable)
+    pool_has = pool.reusable_tokens(chains)[0] if held else 0
+    held = held if held >= pool_has else 0  # the pool serves more (another branch): gather instead
     jobs, whole = [], False
-    if max_columns > 0:
+    if max_columns > 0 and not held:
         jobs, whole = catchup.plan(pool, state, chains, pads, tokens, length, max_columns, input_ids.device)
     scratches = {
-        row: _catch_up(module, cache, state, tokens[row][: target + 1], input_ids.device)
+        row: scratch.catch_up(module, cache, state, tokens[row][: target + 1], input_ids.device)
         for row, target in jobs
     }
-    pooled, streams, states = _fetch(
-        cache, state, pool, chains, pads, tokens, restorable, namespace, length, not call.internal
-    )
-    columns = pooled
+    if held:  # continue from the buffers the cache held: nothing copied out of the pool
+        streams, states = live.restore(previous, cache, held), {i: {} for i in range(len(cache.layers))}
+        pooled = pool_has  # the tracker commits what the pool lacks (evicted since)
+        if not call.internal:
+            pool.count_lookup(len(tokens[0]), held)
+    else:
+        pooled, streams, states = _fetch(
+            cache, state, pool, chains, pads, tokens, restorable, namespace, length, not call.internal
+        )
+    columns = held or pooled
     if whole:  # every row's columns up to its last token: the pool's, then its catch-up's
         columns = catchup.fill(state, cache, streams, pooled, pads, tokens, scratches, length)
         if not call.internal:
             pool.count_hits(sum(max(0, columns - p) - max(0, pooled - p) for p in pads))
-    if columns > 0:
+    if columns > 0 and not held:
         for i, kind in enumerate(state.kinds):
             kind.restore(cache, i, streams[i], columns, states[i])
     call.reused_tokens = [max(0, columns - p) for p in pads]
@@ -258,41 +273,6 @@ def _single_step_limit(pool, state, chains, pads, length, max_columns, device) -
     than recomputing the columns they would save."""
     hint = min(p + n for p, n in zip(pads, pool.reusable_tokens(chains, state.checkpointed)))
     return max_columns if (length - 1 - hint) * catchup.forward_cost(device) < hint else 0
-
-
-def _lay_out_pool(module, cache, state: ModelState, namespace: bytes, token) -> None:
-    """A pool that has stored nothing yet has no storage, and a shared tier's blocks need storage of
-    the model's layout to land in: learn it from one token run through a scratch cache (once per
-    pool; the pool's first commit would otherwise set it, too late for this call's look-up)."""
-    scratch = type(cache)(pool=cache.pool, salt=cache.salt)
-    call = _find_call({"cache": scratch})[1]
-    call.bind(state)
-    call.inner = True  # the hooks leave this forward alone; the tracker records its streams
-    call.tracker = CallTracker(
-        cache.pool, namespace, scratch, state.kinds, [0], [token[0].cpu().numpy()], [[]], 0
-    )
-    inputs = dict(input_ids=token, cache=scratch, use_cache=True, logits_to_keep=1)
-    if state.attends:
-        inputs["position_ids"] = torch.zeros_like(token)
-    module(**inputs)
-    call.tracker.lay_out_pool()
-
-
-def _catch_up(module, cache, state: ModelState, tokens, device):
-    """Put one row's tokens in the pool: a prefill of its own, on a scratch cache of the same kind
-    that restores what the pool has and commits the rest; returns that cache."""
-    ids = torch.as_tensor(tokens, device=device).unsqueeze(0)
-    scratch = type(cache)(pool=cache.pool, salt=cache.salt)
-    call = _find_call({"cache": scratch})[1]
-    call.bind(state)
-    call.generate_started()
-    call.internal = True
-    call.auto = cache._call.auto
-    inputs = dict(input_ids=ids, cache=scratch, use_cache=True, logits_to_keep=1)
-    if state.attends:
-        inputs["position_ids"] = torch.arange(ids.shape[1], device=device).unsqueeze(0)
-    module(**inputs)
-    return scratch
 
 
 def _fetch(cache, state, pool, chains, pads, tokens, max_columns, namespace, length, count: bool):

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ..core.block_store import StateSpec, StreamSpec
-from ..core.hashing import Chain, extend_chain
-from ..core.pool import KVPool, token_column
+from ..core.hashing import ROOT, Chain, block_hashes
+from ..core.pool import KVPool, RowCommit, token_column
 from .kinds import LayerKind
 
 __all__ = ["CallTracker", "layer_state", "split_name"]
@@ -69,8 +69,10 @@ class CallTracker:
         self.pooled_rows = [p == 0 or all(k.pad_invariant for k in kinds) for p in pads]
         self.bs = pool.block_size
         self.pads = pads
-        self.tokens = tokens  # per row: real token ids known on the host (a prompt's are all known)
-        self.chains = chains  # per row: keys of every full block of those tokens
+        self.chains = chains  # per row: keys of every full block of the tokens known on the host
+        # per row: the known token ids past the chain's last full block (a prompt's are all known)
+        self.tails = [t[len(c) * self.bs :] for t, c in zip(tokens, chains)]
+        self.anchors = [None] * len(pads)  # per row: where its last commit left its chain (pool.py)
         # per row: first chain index not yet committed; blocks before it came from the pool
         self.pending = [max(0, -(-(reused_columns - p) // self.bs)) for p in pads]
         self.base = reused_columns  # column of the first recorded tensor
@@ -79,6 +81,15 @@ class CallTracker:
         self.token_chunks: list[torch.Tensor] = []  # [B, n] ids not yet copied to the host
         self.decoding = False  # past the prompt: checkpoints roll
         self.rolling: list[bytes | None] = [None] * len(pads)  # per row: key of the last rolled checkpoint
+
+    @property
+    def tokens(self) -> list[np.ndarray]:
+        """Per row, the token ids known on the host (its chain's blocks, then the rest): O(context),
+        for a call's start or end (``live.py``), never per block."""
+        return [
+            np.concatenate([np.frombuffer(b"".join(t for _, t in chain), dtype="<i8"), tail])
+            for chain, tail in zip(self.chains, self.tails)
+        ]
 
     # ---------------------------------------------------------------- hot path
     def record(self, layer_idx: int, streams: dict[str, torch.Tensor]) -> None:
@@ -113,27 +124,30 @@ class CallTracker:
         if self.token_chunks:
             new_ids = torch.cat(self.token_chunks, dim=1).cpu().numpy()  # the one host sync
             self.token_chunks = []
-            self.tokens = [np.concatenate([t, new_ids[b]]) for b, t in enumerate(self.tokens)]
+            self.tails = [np.concatenate([t, new_ids[b]]) for b, t in enumerate(self.tails)]  # O(new)
         state, names, state_names = self._recorded_layout()
         streams = self._streams(names)
-        written = 0
+        jobs: list[RowCommit] = []
         for b, chain in enumerate(self.chains):
             held = self.columns - self.pads[b]  # tokens of row b in the cache now
-            extend_chain(chain, self.tokens[b][:held], self.bs, self.namespace)
+            self._extend(b, held)
             full = held // self.bs
             at_boundary = self.checkpointed and state is not None and held > 0 and held % self.bs == 0
             if not self.pooled_rows[b] or (self.pending[b] >= full and not at_boundary):
                 continue
-            checkpoint = [state[n][b] for n in state_names] if at_boundary else None
             first = token_column(self.pads[b], 0) - self.base  # column (in the streams) of token 0 of row b
-            written += self.pool.commit(
-                chain[:full], self.pending[b], streams, b, first, self.namespace, checkpoint
-            )
+            job = RowCommit(chain, self.pending[b], b, first, end=full, anchor=self.anchors[b])
+            if at_boundary:
+                job.checkpoint = [state[n][b] for n in state_names]
+                if self.decoding:  # rolling: the new checkpoint replaces this call's previous one
+                    if self.rolling[b] is not None and self.rolling[b] != chain[full - 1][0]:
+                        job.drop_checkpoint = self.rolling[b]
+                    self.rolling[b] = chain[full - 1][0]
+            jobs.append(job)
             self.pending[b] = max(self.pending[b], full)
-            if checkpoint is not None and self.decoding:
-                if self.rolling[b] is not None and self.rolling[b] != chain[full - 1][0]:
-                    self.pool.drop_checkpoint(self.rolling[b])
-                self.rolling[b] = chain[full - 1][0]
+        written = self.pool.commit_rows(jobs, streams, self.namespace) if jobs else 0
+        for job in jobs:
+            self.anchors[job.row] = job.anchor
         self._trim(streams, names)
         return written
 
@@ -155,6 +169,15 @@ class CallTracker:
                     self.chunks[f"{i}.{name}"] = [t]
         state = layer_state(self.cache, self.kinds) if self.checkpointed else {}
         return state, *self._layout(state)
+
+    def _extend(self, b: int, held: int) -> None:
+        """Extend row ``b``'s chain with the full blocks of its first ``held`` tokens it lacks: O(new)."""
+        chain = self.chains[b]
+        new = held // self.bs - len(chain)
+        if new > 0:
+            parent = chain[-1][0] if chain else ROOT
+            chain.extend(block_hashes(self.tails[b][: new * self.bs], self.bs, self.namespace, parent))
+            self.tails[b] = self.tails[b][new * self.bs :]
 
     def _layout(self, state: dict | None) -> tuple[list[str], list[str]]:
         """Names of the streams and checkpoint tensors recorded, checked against the pool's layout
