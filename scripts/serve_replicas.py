@@ -11,7 +11,12 @@ Ctrl-C and stops everything. Point any OpenAI client at ``http://127.0.0.1:PORT/
 The router: sglang-router's ``cache_aware`` policy keeps a prefix tree of each worker's request
 text and sends a request to the worker whose tree matches the most of it (above
 ``--cache-threshold``, default 0.3), else to the least loaded worker; for chat requests the text is
-the conversation, so every turn of a session goes where its first turn went. vllm-router 0.1.17's
+the conversation, so every turn of a session goes where its first turn went. Unless the loads are
+out of balance: then the least loaded worker gets it. The router's default for "out of balance"
+is a difference of more than 64 requests (``--balance-abs-threshold 64``): with a handful of
+clients whose sessions share a long system prompt, every first turn matches that prompt and every
+session lands on one worker. ``--router-args`` defaults to ``--balance-abs-threshold 0`` here (a
+new session goes to an idle worker, later turns follow it while loads stay even). vllm-router 0.1.17's
 ``cache_aware`` does not keep a session on one worker in front of these servers: it asks each worker
 to render the chat (``/v1/chat/completions/render``, which transformers serve has not), and its
 picks alternate between workers turn after turn (measured 2026-12-08 with stub workers).
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -96,15 +102,20 @@ def start_server(
 
 
 def start_router(
-    workers: list[str], policy: str = "cache_aware", port: int | None = None, log: Path | None = None
+    workers: list[str],
+    policy: str = "cache_aware",
+    port: int | None = None,
+    log: Path | None = None,
+    extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen, str]:
-    """``sglang-router launch`` over ``workers``; returns ``(process, base url)``."""
+    """``sglang-router launch`` over ``workers`` (``extra``: more router options); returns
+    ``(process, base url)``."""
     binary = router_binary()
     if binary is None:
         raise FileNotFoundError(f"{ROUTER} is not installed: pip install {ROUTER}=={ROUTER_VERSION}")
     port = port or free_port()
     cmd = [binary, "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", policy]
-    cmd += ["--worker-urls", *workers, "--prometheus-port", str(free_port()), "--log-level", "warn"]
+    cmd += ["--worker-urls", *workers, "--prometheus-port", str(free_port()), "--log-level", "warn", *extra]
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
@@ -162,25 +173,29 @@ def replicas(
     pin: bool = True,
     logs: Path | None = None,
     router_port: int | None = None,
+    router_args: tuple[str, ...] = (),
+    threads: int | None = None,
 ) -> Iterator[tuple[str, list[str]]]:
     """``n`` hf_kvpool.serve replicas (pinned to disjoint cores), and a router if ``policy``; yields
-    ``(url to send requests to, replica urls)``. Everything is stopped on exit."""
+    ``(url to send requests to, replica urls)``. Everything is stopped on exit. ``threads``: torch
+    threads per replica (default: its number of cores)."""
     procs = []
     try:
         cpus = core_sets(n) if pin else [None] * n
         extra = (*args, "--redis", redis_url) if redis_url else tuple(args)
         urls = []
         for i in range(n):
-            threads = len(cpus[i].split(",")) if cpus[i] else 1
+            count = threads or (len(cpus[i].split(",")) if cpus[i] else 1)
             log = logs / f"replica{i}.log" if logs else None
-            proc, url = start_server(model, args=extra, cpus=cpus[i], threads=threads, log=log)
+            proc, url = start_server(model, args=extra, cpus=cpus[i], threads=count, log=log)
             procs.append(proc)
             urls.append(url)
         for proc, url in zip(procs, urls):
             wait_ready(proc, url)
         front = urls[0]
         if policy is not None:
-            proc, front = start_router(urls, policy, router_port, log=logs / "router.log" if logs else None)
+            log = logs / "router.log" if logs else None
+            proc, front = start_router(urls, policy, router_port, log=log, extra=tuple(router_args))
             procs.append(proc)
             wait_ready(proc, front, timeout=60, path="/v1/models")
         yield front, urls
@@ -205,6 +220,11 @@ def main() -> None:
     parser.add_argument("--redis-url", default=None, help="use this Redis as the shared tier")
     parser.add_argument("--no-pin", action="store_true", help="do not pin replicas to cores")
     parser.add_argument("--logs", type=Path, default=None, help="folder for the replicas' and router's logs")
+    parser.add_argument(
+        "--router-args",
+        default="--balance-abs-threshold 0",
+        help="more sglang-router options (default: balance as soon as loads differ, see above)",
+    )
     opts, rest = parser.parse_known_args()  # the rest goes to every replica (pool and serve options)
     if opts.logs:
         opts.logs.mkdir(parents=True, exist_ok=True)
@@ -225,6 +245,7 @@ def main() -> None:
                 pin=not opts.no_pin,
                 logs=opts.logs,
                 router_port=opts.port,
+                router_args=tuple(shlex.split(opts.router_args)),
             )
         )
         print(
