@@ -47,9 +47,9 @@ def __dir__() -> list[str]:
 
 def _fingerprint_hex(model) -> str:
     """How ``KVPool.load(model=...)`` reads a model's fingerprint (the core cannot import hf)."""
-    from .hf.enable import enable, model_state
+    from .hf.attach import attach
 
-    return model_state(enable(model)).fingerprint.digest().hex()
+    return attach(model).fingerprint.digest().hex()
 
 
 register_fingerprint_reader(_fingerprint_hex)

@@ -36,3 +36,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    # scripts/check_wheel.sh runs tests against an installed wheel: make sure that is what they import
+    installed_in = os.environ.get("HF_KVPOOL_INSTALLED_IN")
+    if installed_in:
+        import hf_kvpool
+
+        where = os.path.realpath(hf_kvpool.__file__)
+        assert where.startswith(os.path.realpath(installed_in)), f"hf_kvpool imported from {where}"

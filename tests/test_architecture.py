@@ -134,3 +134,16 @@ def test_the_pool_runs_with_transformers_unimportable(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_pyproject_lists_every_package():
+    """A package missing from pyproject's list is missing from the wheel (editable installs hide it)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {".".join(path.parent.relative_to(ROOT).parts) for path in PACKAGE.rglob("__init__.py")} | {
+        "hf_kvpool.triton_kernels"
+    }
+    assert packages == listed, (
+        f"pyproject.toml [tool.setuptools] packages: add {sorted(packages - listed)}, drop {sorted(listed - packages)}"
+    )

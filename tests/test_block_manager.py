@@ -3,7 +3,7 @@
 import pytest
 
 from hf_kvpool.core.block_manager import BlockManager
-from hf_kvpool.core.hashing import block_hashes, namespace_key
+from hf_kvpool.core.hashing import ROOT, block_hashes, chain_hash, namespace_key
 
 NS = namespace_key("m")
 
@@ -108,4 +108,26 @@ def test_clear():
     insert(m, chain([1, 1, 2, 2]))
     m.clear()
     assert m.num_stored == 0 and m.num_free == 4
+    m.check()
+
+
+def test_retire_frees_whole_chains_of_a_namespace_but_pinned_paths():
+    old, live = namespace_key("old weights"), namespace_key("live")
+    m = BlockManager(16)
+    insert(m, block_hashes([1, 2, 3, 4, 5, 6], 2, old))
+    insert(m, block_hashes([1, 2, 3, 4, 7, 8], 2, old))  # a branch: 4 blocks in the old namespace
+    kept = insert(m, block_hashes([1, 2, 3, 4], 2, live))
+    pinned = insert(m, block_hashes([9, 9, 9, 9], 2, old))
+    m.pin(pinned)  # a reader holds this chain: it and its ancestors stay
+
+    def dead(blk):
+        return chain_hash(ROOT, old, blk.tokens) == blk.key
+
+    assert m.retire(dead) == 4
+    assert m.num_stored == len(kept) + len(pinned) and m.retired_blocks == 4 and m.evicted_blocks == 0
+    assert m.match(block_hashes([1, 2, 3, 4], 2, live), pin=False) == kept
+    assert m.match(block_hashes([1, 2], 2, old), pin=False) == []
+    m.check()
+    m.unpin(pinned)
+    assert m.retire(dead) == 2 and m.num_stored == len(kept)
     m.check()

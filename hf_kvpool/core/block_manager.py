@@ -4,7 +4,9 @@ Blocks are published under a chained key (``hashing.py``). A published block rec
 its token ids and how many published children it has; ``_insert`` is the one place a block becomes
 visible, and pins (blocks a reader holds: never evicted) are counted here only. Eviction is least-recently-used among
 *leaves* (blocks without published children), so a chain loses its descendants before its
-ancestors and no reachable chain has a missing ancestor.
+ancestors and no reachable chain has a missing ancestor. Chains of a namespace that can never be
+matched again (its model's weights changed) are freed at once by :meth:`retire`, before eviction
+has to take any live block.
 
 LRU order is one ``OrderedDict``, front = least recently used, kept so that every block stands
 before its parent: a touch moves a chain to the back deepest-first. The front block is therefore
@@ -67,6 +69,7 @@ class BlockManager:
         self._lru: OrderedDict[int, None] = OrderedDict()
         self._reserved: set[int] = set()
         self.evicted_blocks = 0
+        self.retired_blocks = 0  # freed by retire(): their namespace can never be matched again
         self.published_blocks = 0
         self.num_checkpoints = num_checkpoints
         self.evicted_checkpoints = 0
@@ -244,6 +247,24 @@ class BlockManager:
         if blk.parent is not None:
             self._blocks[blk.parent].children -= 1
         self._free.append(blk.block_id)
+
+    def retire(self, dead_root: Callable[[Block], bool]) -> int:
+        """Free now every unpinned block of the chains whose first block ``dead_root`` accepts (a
+        namespace no lookup can match again), without ``on_evict``: nothing is spilled. Children go
+        before parents; a pinned block keeps itself and its ancestors. Returns the blocks freed."""
+        dead: set[int] = set()
+        for bid in reversed(self._lru):  # parents before children
+            blk = self._blocks[bid]
+            if (blk.parent in dead) if blk.parent is not None else dead_root(blk):
+                dead.add(bid)
+        freed = 0
+        for bid in [b for b in self._lru if b in dead]:  # children before parents
+            blk = self._blocks[bid]
+            if blk.pins == 0 and blk.children == 0:
+                self._remove(blk)
+                freed += 1
+        self.retired_blocks += freed
+        return freed
 
     def parent_key(self, blk: Block) -> bytes | None:
         """Key of a block's parent (None for the first block of a chain)."""

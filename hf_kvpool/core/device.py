@@ -19,7 +19,7 @@ import torch
 from . import snapshot
 from .block_manager import Block, BlockManager
 from .block_store import BlockStore, CheckpointStore, GatherPlan, StateSpec, StreamSpec
-from .hashing import Chain
+from .hashing import ROOT, Chain, chain_hash
 from .tiers import TierEntry
 
 __all__ = ["DeviceTier", "token_column"]
@@ -128,6 +128,15 @@ class DeviceTier:
             raise
         self.manager.attach_checkpoint(block_id, slot)
         return True
+
+    def retire(self, namespaces) -> int:
+        """Free the blocks of every chain in ``namespaces`` (see :meth:`BlockManager.retire`)."""
+        namespaces = set(namespaces)
+
+        def dead(blk: Block) -> bool:  # a first block's key is chain_hash(ROOT, namespace, tokens)
+            return any(chain_hash(ROOT, ns, blk.tokens) == blk.key for ns in namespaces)
+
+        return self.manager.retire(dead)
 
     # ------------------------------------------------------------------ lower tiers
     def entry(self, blk: Block, wait: bool = True) -> TierEntry:

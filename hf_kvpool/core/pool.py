@@ -109,6 +109,12 @@ class KVPool:
         return None if self._device is None else self._device.layout
 
     @property
+    def remote(self) -> str | None:
+        """The URL of the shared Redis tier this pool reads and writes, or None."""
+        remote = self._tiers.remote if self._tiers is not None else None
+        return remote.url if remote is not None else None
+
+    @property
     def lock(self) -> threading.RLock:
         return self._lock
 
@@ -264,6 +270,15 @@ class KVPool:
             ids = device.write_entries(chain, start, [entry for entry, _ in found])
             self._tiers.count_hits([tier for _, tier in found[: len(ids)]])
             return ids
+
+    def retire(self, namespaces) -> int:
+        """Free now the device blocks of every chain in ``namespaces``: no lookup can match them again
+        (their model's weights changed). Lower tiers keep theirs until they age out. Returns the
+        blocks freed."""
+        with self._lock:
+            for namespace in namespaces:
+                self.namespaces.pop(namespace, None)
+            return self._device.retire(namespaces) if self._device is not None and namespaces else 0
 
     # ------------------------------------------------------------------ admin
     def stats(self) -> PoolStats:

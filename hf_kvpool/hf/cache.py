@@ -15,8 +15,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from . import compat
+from .attach import attach
 from .call import CallState
-from .enable import enable, model_state
 from .kinds import kind_of
 from .layers import AppendLayer
 from .registry import ModelState
@@ -29,7 +29,7 @@ class PooledCache(compat.GenerateStartSignal, DynamicCache):
 
     Args:
         model: the model this cache serves (a PEFT model too). Given, the model is enabled
-            (:func:`hf_kvpool.enable`) and nothing else is needed. Without it, the cache binds to
+            (as by :func:`hf_kvpool.enable`, its mode unchanged) and nothing else is needed. Without it, the cache binds to
             the first enabled model that uses it; a model that was never enabled sees a plain
             ``DynamicCache``.
         pool: the :class:`~hf_kvpool.KVPool` to use; default: the model's pool (:func:`hf_kvpool.get_pool`).
@@ -70,7 +70,7 @@ class PooledCache(compat.GenerateStartSignal, DynamicCache):
         self._pool = pool
         self._call = CallState(on_bind=self._lay_out_for)
         if model is not None:
-            self._call.bind(model_state(enable(model)))
+            self._call.bind(attach(model))
 
     # ---------------------------------------------------------------- binding
     @property
@@ -86,6 +86,11 @@ class PooledCache(compat.GenerateStartSignal, DynamicCache):
             return self._pool
         binding = self._call.binding
         return binding.pool if binding is not None else None
+
+    @property
+    def is_compileable(self) -> bool:
+        # generate() never compiles for its own DynamicCache: nor for auto mode's cache in its place
+        return self._user_defined and DynamicCache.is_compileable.fget(self)
 
     @property
     def salt(self) -> str | bytes | None:

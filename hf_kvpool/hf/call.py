@@ -54,6 +54,7 @@ class CallState:
         self.armed = False
         self.inner = False  # a prefill piece the pre-hook runs itself is in progress
         self.internal = False  # a catch-up's scratch call: its look-ups are not the caller's
+        self.auto = False  # the cache was made by generate() (auto mode), not by the caller
         self.tracker: CallTracker | None = None
         self.reused_tokens: list[int] = []
         self._on_bind = on_bind
@@ -176,7 +177,10 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
         return None
 
     pool = cache.pool
-    namespace = _namespace(pool, state.fingerprint.digest(scan), cache.salt)
+    digest = state.fingerprint.digest(scan)
+    registry.retire(state, pool, state.fingerprint.take_retired())
+    autocast = compat.autocast_state(module, scan.devices | {input_ids.device.type})
+    namespace = _namespace(pool, digest, cache.salt, autocast)
     tokens = [ids[b, pads[b] :] for b in range(batch)]
     chains = [block_hashes(t, pool.block_size, namespace) for t in tokens]
     max_columns = 0
@@ -191,6 +195,8 @@ def _prefill(module, state: ModelState, cache, call: CallState, input_ids, args,
         )
     if any(pads) and not state.pad_invariant:
         max_columns = 0  # the model's state depends on the padding (the tracker pools no padded row either)
+    if max_columns > 0 and pool.layout is None and pool.remote is not None:
+        _lay_out_pool(module, cache, state, namespace, input_ids[:1, pads[0] : pads[0] + 1])
     restorable = max_columns
     if state.single_steps and max_columns > 0:
         restorable = _single_step_limit(pool, state, chains, pads, length, max_columns, input_ids.device)
@@ -247,12 +253,15 @@ def _per_token_kwargs(state: ModelState) -> tuple[str, ...]:
     return _PER_TOKEN_KWARGS if state.attends else (*_PER_TOKEN_KWARGS, "attention_mask")
 
 
-def _namespace(pool: KVPool, fingerprint: bytes, salt: str | bytes | None) -> bytes:
-    # parts are length-prefixed: no salt and an empty salt are different namespaces
-    namespace = namespace_key(fingerprint) if salt is None else namespace_key(fingerprint, salt)
+def _namespace(pool: KVPool, fingerprint: bytes, salt: str | bytes | None, autocast: str | None) -> bytes:
+    # parts are length-prefixed: no salt and an empty salt are different namespaces, and a part
+    # count tells autocast ones (fingerprint, marker, autocast[, salt]) from the others
+    parts = [fingerprint] if autocast is None else [fingerprint, b"\0autocast", autocast]
+    namespace = namespace_key(*parts) if salt is None else namespace_key(*parts, salt)
     if namespace not in pool.namespaces:  # what a snapshot records about its blocks
         shown = salt.hex() if isinstance(salt, bytes) else salt
-        pool.namespaces[namespace] = {"model": fingerprint.hex(), "salt": shown}
+        info = {"model": fingerprint.hex(), "salt": shown}
+        pool.namespaces[namespace] = info if autocast is None else {**info, "autocast": autocast}
     return namespace
 
 
@@ -261,6 +270,24 @@ def _single_step_limit(pool, state, chains, pads, length, max_columns, device) -
     than recomputing the columns they would save."""
     hint = min(p + n for p, n in zip(pads, pool.reusable_tokens(chains, state.checkpointed)))
     return max_columns if (length - 1 - hint) * catchup.forward_cost(device) < hint else 0
+
+
+def _lay_out_pool(module, cache, state: ModelState, namespace: bytes, token) -> None:
+    """A pool that has stored nothing yet has no storage, and a shared tier's blocks need storage of
+    the model's layout to land in: learn it from one token run through a scratch cache (once per
+    pool; the pool's first commit would otherwise set it, too late for this call's look-up)."""
+    scratch = type(cache)(pool=cache.pool, salt=cache.salt)
+    call = _find_call({"cache": scratch})[1]
+    call.bind(state)
+    call.inner = True  # the hooks leave this forward alone; the tracker records its streams
+    call.tracker = CallTracker(
+        cache.pool, namespace, scratch, state.kinds, [0], [token[0].cpu().numpy()], [[]], 0
+    )
+    inputs = dict(input_ids=token, cache=scratch, use_cache=True, logits_to_keep=1)
+    if state.attends:
+        inputs["position_ids"] = torch.zeros_like(token)
+    module(**inputs)
+    call.tracker.lay_out_pool()
 
 
 def _catch_up(module, cache, state: ModelState, tokens, device):
@@ -272,6 +299,7 @@ def _catch_up(module, cache, state: ModelState, tokens, device):
     call.bind(state)
     call.generate_started()
     call.internal = True
+    call.auto = cache._call.auto
     inputs = dict(input_ids=ids, cache=scratch, use_cache=True, logits_to_keep=1)
     if state.attends:
         inputs["position_ids"] = torch.arange(ids.shape[1], device=device).unsqueeze(0)
@@ -369,9 +397,18 @@ def post_forward(module, args, kwargs, output):
 def _commit(module, call: CallState) -> None:
     try:
         call.tracker.commit_if_due()
-    except PoolConfigError:  # a user error: say it, do not swallow it
-        call.stop()
-        raise
+    except PoolConfigError as exc:  # a user error: say it, do not swallow it
+        tracker, _ = call.tracker, call.stop()
+        if registry.other_precision(tracker.pool, tracker.namespace):  # not the caller's doing
+            warn_once(
+                "the pool holds this model's K/V computed under another autocast setting, and a pool "
+                "serves one layout (dtypes): calls under this one compute without it (give them a pool "
+                "of their own: enable(model, pool=KVPool()) or PooledCache(model, pool=...))"
+            )
+        elif call.auto:  # the caller never asked for a pooled cache: go on as with DynamicCache
+            warn_once(f"the pool cannot take this call's K/V ({exc})")
+        else:
+            raise
     except Exception as exc:  # committing is best effort: the output is already correct
         call.stop()
         warn_once(f"writing to the pool failed ({type(exc).__name__}: {exc})")

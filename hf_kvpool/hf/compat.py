@@ -17,13 +17,16 @@ __all__ = [
     "TESTED_TRANSFORMERS",
     "GenerateStartSignal",
     "adapter_state",
+    "autocast_state",
     "canonical_name",
     "forward_hooks",
     "continues_one_token_at_a_time",
+    "default_cache_requested",
     "global_forward_hooks",
     "holds_tokens",
     "init_dynamic_cache",
     "init_layer",
+    "install_cache_seam",
     "is_config",
     "is_passive_hook",
     "offloaded_weights",
@@ -119,6 +122,49 @@ def offloaded_weights(model: nn.Module, rename=lambda name: name) -> dict[str, t
     return found
 
 
+# ---------------------------------------------------------------------------- autocast
+def autocast_state(module: nn.Module, device_types) -> str | None:
+    """The autocast settings ``module``'s forward will run under, as stable text, or None.
+
+    Two sources: ``torch.autocast`` contexts active now, for each device type the model computes
+    on; and an autocast wrapped around the module's own ``forward`` (accelerate's mixed precision
+    replaces ``model.forward`` with ``convert_outputs_to_fp32(autocast(forward))``, which starts
+    after the forward pre-hooks have run). The wrapper is found by walking what wraps the
+    instance's ``forward``: bound methods' ``__func__``, accelerate's ``model_forward``,
+    ``__wrapped__``, ``functools.partial``'s ``func`` and closure cells (``autocast_decorator``).
+    """
+    parts = []
+    for device_type in sorted(device_types):
+        try:
+            if torch.is_autocast_enabled(device_type):
+                parts.append(f"{device_type}:{torch.get_autocast_dtype(device_type)}")
+        except (RuntimeError, ValueError):  # a device type autocast does not know (meta...)
+            continue
+    forward = module.__dict__.get("forward")
+    if forward is not None:
+        parts.extend(f"forward {ac.device}:{ac.fast_dtype}" for ac in _autocasts_in(forward) if ac._enabled)
+    return ",".join(parts) or None
+
+
+def _autocasts_in(fn, depth: int = 8) -> list:
+    """``torch.autocast`` instances reachable from ``fn`` through the wrappers named above."""
+    found, todo, seen = [], [(fn, 0)], set()
+    while todo:
+        obj, level = todo.pop()
+        if isinstance(obj, torch.autocast):
+            found.append(obj)
+        elif callable(obj) and id(obj) not in seen and level < depth:
+            seen.add(id(obj))
+            nexts = [getattr(obj, n, None) for n in ("__func__", "model_forward", "__wrapped__", "func")]
+            for cell in getattr(obj, "__closure__", None) or ():
+                try:
+                    nexts.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    pass
+            todo.extend((n, level + 1) for n in nexts if n is not None)
+    return found
+
+
 # ---------------------------------------------------------------------------- PEFT
 def peft_loaded() -> bool:
     """Whether PEFT was imported (if not, no module can be a PEFT adapter layer)."""
@@ -196,19 +242,102 @@ class GenerateStartSignal:
     """Mixin for a Cache: ``_on_generate_start()`` runs when generate() starts with this cache.
 
     generate() sets ``_is_user_defined = True`` on a cache passed by the caller, once per call,
-    before its first forward (generation/utils.py). The attribute reads True for such a cache.
+    before its first forward (generation/utils.py). The attribute reads True for such a cache, and
+    False for one generate() made itself (``_user_defined = False``: auto mode's cache, armed by
+    the seam instead); generate() reads it to decide whether the cache outlives the call.
     """
+
+    _user_defined = True
 
     @property
     def _is_user_defined(self) -> bool:
-        return True
+        return self._user_defined
 
     @_is_user_defined.setter
     def _is_user_defined(self, value: bool) -> None:
+        self._user_defined = bool(value)
         self._on_generate_start()
 
     def _on_generate_start(self) -> None:
         raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- the cache seam (auto mode)
+# generate() makes its cache in GenerationMixin._prepare_cache_for_generation(generation_config,
+# model_kwargs, generation_mode, batch_size, max_cache_length), after inputs are expanded for beams
+# and num_return_sequences, writing it to model_kwargs["cache"]: a DynamicCache(config=text config)
+# unless the caller gave one, use_cache is False, the model takes no default cache, or
+# cache_implementation asks for another kind (static, offloaded, quantized...). Model classes that
+# override it call super() (t5gemma, t5gemma2, voxtral_realtime); those that do not (parakeet and
+# nemotron_asr RNNT decoders, vibevoice, diffusion_gemma's own signature) never reach the wrap and
+# keep transformers' cache. The wrap is on the class, so copies and unpickled models carry it.
+_SEAM = "_prepare_cache_for_generation"
+_SEAM_PARAMS = (
+    "self",
+    "generation_config",
+    "model_kwargs",
+    "generation_mode",
+    "batch_size",
+    "max_cache_length",
+)
+_seam_maker = None  # (model, generation_config, model_kwargs, generation_mode) -> Cache | None
+
+
+def install_cache_seam(maker) -> str | None:
+    """Let ``maker(model, generation_config, model_kwargs, generation_mode)`` replace the cache
+    generate() makes by default (a plain ``DynamicCache``) when it returns one; installed once, on
+    ``GenerationMixin``. Returns why it cannot be installed (None once installed)."""
+    global _seam_maker
+    problem = transformers_version_problem()
+    if problem:
+        return problem
+    import inspect
+
+    from transformers import DynamicCache
+    from transformers.generation.utils import GenerationMixin
+
+    original = GenerationMixin.__dict__.get(_SEAM)
+    if getattr(original, "_hf_kvpool_seam", False):
+        _seam_maker = maker
+        return None
+    if original is None or tuple(inspect.signature(original).parameters) != _SEAM_PARAMS:
+        return f"GenerationMixin.{_SEAM} is not the one hf_kvpool knows"
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        given = model_kwargs.get("cache") is not None
+        result = original(self, generation_config, model_kwargs, *args, **kwargs)
+        made = model_kwargs.get("cache")
+        if not given and type(made) is DynamicCache and _seam_maker is not None:
+            mode = args[0] if args else kwargs.get("generation_mode")
+            replacement = _seam_maker(self, generation_config, model_kwargs, mode)
+            if replacement is not None:
+                model_kwargs["cache"] = replacement
+        return result
+
+    _prepare_cache_for_generation.__doc__ = original.__doc__
+    _prepare_cache_for_generation._hf_kvpool_seam = True
+    _prepare_cache_for_generation.__wrapped__ = original
+    _seam_maker = maker
+    setattr(GenerationMixin, _SEAM, _prepare_cache_for_generation)
+    return None
+
+
+def default_cache_requested(generation_config, generation_mode) -> bool:
+    """generate() was asked for its default dynamic cache (no ``cache_implementation``, or
+    ``"dynamic"``), not as an assistant, in a mode hf_kvpool was tested with (greedy, sampling, beam
+    search: ``generation_mode`` as generate() passes it to the seam; assisted decoding is left out)."""
+    from transformers.generation.configuration_utils import GenerationMode
+
+    if generation_config.cache_implementation not in (None, "dynamic"):
+        return False
+    if getattr(generation_config, "is_assistant", False):
+        return False
+    return generation_mode in {
+        GenerationMode.GREEDY_SEARCH,
+        GenerationMode.SAMPLE,
+        GenerationMode.BEAM_SEARCH,
+        GenerationMode.BEAM_SAMPLE,
+    }
 
 
 def init_dynamic_cache(cache, ddp_cache_data=None, config=None, **kwargs) -> None:

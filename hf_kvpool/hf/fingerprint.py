@@ -17,6 +17,12 @@ counters; a tensor is hashed again only when its version counter or storage chan
 seen before (an adapter switched back on) is remembered. Writes through ``p.data`` bypass version
 counters: after such a write call :func:`hf_kvpool.weights_changed`.
 
+A remembered state one of whose tensors was updated in place since (an optimizer step: version
+counters only grow) can never be seen again: its digest is *retired* (``take_retired``), unless
+the current state or another remembered one still has it, so the pool can free its blocks.
+States without the updated tensors (the base model under ``disable_adapter()`` while a LoRA
+adapter trains) stay.
+
 The same pass lists forward hooks that are neither hf_kvpool's nor known to be passive: they may
 change K/V in ways no attribute shows, so the caller computes without the pool while they exist.
 """
@@ -112,6 +118,7 @@ class Scan:
     adapter_layout: tuple  # every adapter layer: (path, merged adapters)
     config: str
     foreign_hooks: list[str]  # "module path: hook name" of hooks that may change K/V
+    devices: frozenset = frozenset()  # device types of the weights (where autocast may apply)
 
     def key(self) -> tuple:
         return (
@@ -139,6 +146,7 @@ class ModelFingerprint:
         self._memo: OrderedDict[tuple, bytes] = OrderedDict()
         self._adapter_layout: tuple | None = None  # adapter layer paths and merged adapters
         self._config: tuple[dict, str] | None = None  # (a copy of the config's fields, their text)
+        self._retired: set[bytes] = set()  # digests of states that cannot come back (not taken yet)
         self.hashed_tensors = 0  # tensors hashed so far (tests check the per-call cost)
 
     def _alive(self) -> torch.nn.Module:
@@ -178,7 +186,8 @@ class ModelFingerprint:
                 adapters.append((compat.canonical_name(path), disabled, used, merged, settings))
         tensors = [(compat.canonical_name(name), t) for name, t in named if id(t) not in inactive]
         tensors.sort(key=lambda item: item[0])
-        return Scan(tensors, tuple(adapters), tuple(layout), self._config_text(model), foreign)
+        devices = frozenset(t.device.type for _, t in tensors)
+        return Scan(tensors, tuple(adapters), tuple(layout), self._config_text(model), foreign, devices)
 
     def _config_text(self, model) -> str:
         """``config_text`` of the model's config, computed again only when a field changed."""
@@ -207,10 +216,43 @@ class ModelFingerprint:
                 self._memo.move_to_end(key)
                 return found
             digest = self._compute(model, scan)
+            self._retire_stale(digest)
             self._memo[key] = digest
             while len(self._memo) > _MEMO:
                 self._memo.popitem(last=False)
             return digest
+
+    def remembered(self) -> set[bytes]:
+        """Digests of the states remembered (the current one among them)."""
+        with self._lock:
+            return set(self._memo.values())
+
+    def take_retired(self) -> set[bytes]:
+        """Digests retired since the last call (see module docstring); empty most of the time."""
+        if not self._retired:
+            return set()
+        with self._lock:
+            retired, self._retired = self._retired, set()
+            return retired
+
+    def _retire_stale(self, digest: bytes) -> None:
+        """Forget remembered states with a tensor updated in place since; retire their digests."""
+        stale = [key for key in self._memo if self._updated_since(key)]
+        if not stale:
+            return
+        for key in stale:
+            self._retired.add(self._memo.pop(key))
+        self._retired -= {digest, *self._memo.values()}
+
+    def _updated_since(self, key: tuple) -> bool:
+        """A tensor of the state ``key`` is alive and was written in place since (a dead tensor
+        may come back with the same content: not stale)."""
+        for ident, version, ptr, _ in key[0]:
+            entry = self._digests.get(ident)
+            t = entry[0]() if entry is not None else None
+            if t is not None and (t._version != version or t.data_ptr() != ptr):
+                return True
+        return False
 
     def invalidate(self) -> None:
         """Hash every tensor again on the next :meth:`digest` (after writes through ``.data``)."""

@@ -114,12 +114,7 @@ class CallTracker:
             new_ids = torch.cat(self.token_chunks, dim=1).cpu().numpy()  # the one host sync
             self.token_chunks = []
             self.tokens = [np.concatenate([t, new_ids[b]]) for b, t in enumerate(self.tokens)]
-        for i, kind in enumerate(self.kinds):
-            if kind.derives:
-                for name, t in kind.derived(self.cache.layers[i], self.base, self.columns).items():
-                    self.chunks[f"{i}.{name}"] = [t]
-        state = layer_state(self.cache, self.kinds) if self.checkpointed else {}
-        names, state_names = self._layout(state)
+        state, names, state_names = self._recorded_layout()
         streams = self._streams(names)
         written = 0
         for b, chain in enumerate(self.chains):
@@ -141,6 +136,25 @@ class CallTracker:
                 self.rolling[b] = chain[full - 1][0]
         self._trim(streams, names)
         return written
+
+    def lay_out_pool(self) -> bool:
+        """Allocate the pool's storage for the layout recorded so far (a forward has run); whether
+        the pool has a layout now."""
+        try:
+            self._recorded_layout()
+        except _NotYet:
+            return False
+        return True
+
+    def _recorded_layout(self) -> tuple[dict | None, list[str], list[str]]:
+        """The layers' state now (checkpointed models), and the names of the streams and checkpoint
+        tensors recorded, with derived streams brought up to date."""
+        for i, kind in enumerate(self.kinds):
+            if kind.derives:
+                for name, t in kind.derived(self.cache.layers[i], self.base, self.columns).items():
+                    self.chunks[f"{i}.{name}"] = [t]
+        state = layer_state(self.cache, self.kinds) if self.checkpointed else {}
+        return state, *self._layout(state)
 
     def _layout(self, state: dict | None) -> tuple[list[str], list[str]]:
         """Names of the streams and checkpoint tensors recorded, checked against the pool's layout
