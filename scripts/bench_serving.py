@@ -5,9 +5,11 @@ What it measures. Agent sessions (the shape of ``bench_agent.py``'s workload, th
 task, then per turn the model's previous answer and a tool result (a real source file of the
 installed transformers package, ``--tool-tokens`` long) with a question; the chat template is
 applied by the server over the growing message list. Each request is a streaming chat completion
-through the ``openai`` client (greedy, ``--max-tokens`` answers). ``--concurrency`` client threads
-each run their share of the sessions, turn by turn in alternation. Every arm serves the same
-conversations (the questions and tool outputs are fixed; the answers are the model's own, greedy):
+through the ``openai`` client (greedy, ``--max-tokens`` answers). All arms' servers run at once;
+turn by turn, each arm in turn (the order rotating) serves that turn of every session, from
+``--concurrency`` client threads that each run their share of the sessions; so the arms are side
+by side on a machine whose load drifts. Every arm serves the same conversations (the questions and
+tool outputs are fixed; the answers are the model's own, greedy):
 
 - ``plain``: ``transformers serve`` (one process);
 - ``plain-cb``: ``transformers serve --continuous-batching`` (paged cache with its own block
@@ -52,7 +54,20 @@ import serve_replicas as sr
 REPO = Path(__file__).resolve().parent.parent
 ARMS = {
     "plain": dict(plain=True, replicas=1),
-    "plain-cb": dict(plain=True, replicas=1, args=("--continuous-batching",)),
+    # a bounded paged cache (8,192 tokens): by default it takes most of the host's memory on CPU (13 GiB here)
+    "plain-cb": dict(
+        plain=True,
+        replicas=1,
+        args=(
+            "--continuous-batching",
+            "--cb-block-size",
+            "32",
+            "--cb-num-blocks",
+            "256",
+            "--cb-max-batch-tokens",
+            "2048",
+        ),
+    ),
     "pool": dict(replicas=1),
     "pool-2rr": dict(replicas=2, policy="round_robin"),
     # the router's default balance threshold (64 requests) puts every session on one replica here
@@ -133,23 +148,20 @@ def one_request(api, model: str, messages: list, max_tokens: int) -> dict:
     }
 
 
-def run_conversations(url: str, model: str, convs: list[dict], args) -> list[dict]:
-    import openai
-
-    api = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=600, max_retries=0)
+def run_turn(api, model: str, convs: list[dict], chats: dict, turn: int, args) -> list[dict]:
+    """Turn ``turn`` of every session: ``args.concurrency`` client threads, each running its share
+    of the sessions one after another; ``chats`` (session -> messages) grows with each answer."""
     records, lock, errors = [], threading.Lock(), []
 
     def client(mine: list[int]):
-        chats = {s: list(convs[s]["opening"]) for s in mine}
         try:
-            for turn in range(args.turns):
-                for s in mine:
-                    if turn:
-                        chats[s].append({"role": "user", "content": convs[s]["follow"][turn - 1]})
-                    rec = one_request(api, model, chats[s], args.max_tokens)
-                    chats[s].append({"role": "assistant", "content": rec["answer"]})
-                    with lock:
-                        records.append({"session": s, "turn": turn, **rec})
+            for s in mine:
+                if turn:
+                    chats[s].append({"role": "user", "content": convs[s]["follow"][turn - 1]})
+                rec = one_request(api, model, chats[s], args.max_tokens)
+                chats[s].append({"role": "assistant", "content": rec["answer"]})
+                with lock:
+                    records.append({"session": s, "turn": turn, **rec})
         except Exception as exc:  # reported after the threads end
             errors.append(exc)
 
@@ -163,7 +175,7 @@ def run_conversations(url: str, model: str, convs: list[dict], args) -> list[dic
         t.join()
     if errors:
         raise errors[0]
-    return sorted(records, key=lambda r: (r["session"], r["turn"]))
+    return records
 
 
 # ---------------------------------------------------------------------------- servers
@@ -232,31 +244,56 @@ def arm_servers(name: str, model: str, args, logs: Path | None):
         yield front, urls
 
 
-def run_arm(name: str, model: str, convs, args, logs) -> dict:
-    t0 = time.perf_counter()
-    with arm_servers(name, model, args, logs) as (front, urls):
-        for url in urls:
-            warm_up(url, model)
-        before = [scrape(u) for u in urls]
-        records = run_conversations(front, model, convs, args)
-        after = [scrape(u) for u in urls]
-    delta = [{k: a.get(k, 0.0) - b.get(k, 0.0) for k in a} for a, b in zip(after, before)]
-    pooled = any("hf_kvpool_query_tokens_total" in d for d in delta)
-    hits = sum(d.get("hf_kvpool_hit_tokens_total", 0) for d in delta)
-    queried = sum(d.get("hf_kvpool_query_tokens_total", 0) for d in delta)
-    return {
-        "records": records,
-        "hit_rate": hits / queried if pooled and queried else None,
-        "hit_tokens": hits if pooled else None,
-        "query_tokens": queried if pooled else None,
-        "remote_hit_blocks": sum(d.get("hf_kvpool_remote_hit_blocks_total", 0) for d in delta)
-        if pooled
-        else None,
-        "requests_per_replica": [int(d.get("hf_kvpool_serve_requests_total", 0)) for d in delta]
-        if pooled
-        else [len(records)],
-        "wall_s": time.perf_counter() - t0,
-    }
+def run_arms(arms: list[str], model: str, convs, args, logs) -> dict:
+    """Every arm's servers up at once; turn by turn, each arm runs that turn of every session (the
+    arms' order rotating from turn to turn), so a slow phase of the shared machine hits all arms."""
+    import openai
+
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for arm in arms:
+            print(f"[{arm}] starting", file=sys.stderr, flush=True)
+            servers[arm] = stack.enter_context(arm_servers(arm, model, args, logs))
+        for _, urls in servers.values():
+            for url in urls:
+                warm_up(url, model)
+        before = {arm: [scrape(u) for u in urls] for arm, (_, urls) in servers.items()}
+        apis = {
+            arm: openai.OpenAI(base_url=front + "/v1", api_key="none", timeout=600, max_retries=0)
+            for arm, (front, _) in servers.items()
+        }
+        chats = {arm: {s: list(c["opening"]) for s, c in enumerate(convs)} for arm in arms}
+        records = {arm: [] for arm in arms}
+        busy = dict.fromkeys(arms, 0.0)
+        for turn in range(args.turns):
+            order = arms[turn % len(arms) :] + arms[: turn % len(arms)]
+            for arm in order:
+                t0 = time.perf_counter()
+                records[arm] += run_turn(apis[arm], model, convs, chats[arm], turn, args)
+                busy[arm] += time.perf_counter() - t0
+                print(f"[{arm}] turn {turn} done", file=sys.stderr, flush=True)
+        after = {arm: [scrape(u) for u in urls] for arm, (_, urls) in servers.items()}
+    results = {}
+    for arm in arms:
+        delta = [{k: a.get(k, 0.0) - b.get(k, 0.0) for k in a} for a, b in zip(after[arm], before[arm])]
+        pooled = any("hf_kvpool_query_tokens_total" in d for d in delta)
+        hits = sum(d.get("hf_kvpool_hit_tokens_total", 0) for d in delta)
+        queried = sum(d.get("hf_kvpool_query_tokens_total", 0) for d in delta)
+        recs = sorted(records[arm], key=lambda r: (r["session"], r["turn"]))
+        results[arm] = {
+            "records": recs,
+            "hit_rate": hits / queried if pooled and queried else None,
+            "hit_tokens": hits if pooled else None,
+            "query_tokens": queried if pooled else None,
+            "remote_hit_blocks": sum(d.get("hf_kvpool_remote_hit_blocks_total", 0) for d in delta)
+            if pooled
+            else None,
+            "requests_per_replica": [int(d.get("hf_kvpool_serve_requests_total", 0)) for d in delta]
+            if pooled
+            else [len(recs)],
+            "wall_s": busy[arm],
+        }
+    return results
 
 
 # ---------------------------------------------------------------------------- report
@@ -293,7 +330,7 @@ def summarize(result: dict, reference: list[dict] | None) -> dict:
         "remote_hit_blocks": result["remote_hit_blocks"],
         "requests_per_replica": result["requests_per_replica"],
         "answers_equal_plain": same,
-        "wall_s": result["wall_s"],
+        "busy_s": result["wall_s"],
     }
 
 
@@ -376,17 +413,11 @@ def main(argv=None) -> int:
     logs = Path(args.logs) if args.logs else None
     if logs:
         logs.mkdir(parents=True, exist_ok=True)
-    results, summary = {}, {}
+    results = run_arms(arms, args.model, convs, args, logs)
+    summary = {}
     for arm in arms:
-        print(f"[{arm}] ...", file=sys.stderr, flush=True)
-        results[arm] = run_arm(arm, args.model, convs, args, logs)
         reference = results["plain"]["records"] if "plain" in results and arm != "plain" else None
         summary[arm] = summarize(results[arm], reference)
-        print(
-            f"[{arm}] {json.dumps({k: v for k, v in summary[arm].items() if k != 'requests_per_replica'})}",
-            file=sys.stderr,
-            flush=True,
-        )
     text = table(summary)
     print(text)
     out = Path(args.out)
