@@ -8,13 +8,16 @@ in one process under each mode:
 
 - ``stateless``: a fresh ``DynamicCache`` per call (everything is recomputed);
 - ``pooled``: a fresh ``PooledCache`` per call, all calls sharing one ``KVPool``;
+- ``pooled-live``: each session keeps one ``PooledCache`` and passes it back (its own ``KVPool``),
+  so a turn continues from the buffers the session's cache holds (``hf_kvpool/hf/live.py``);
 - ``oracle``: each session keeps its own ``DynamicCache`` and passes it back with the extended
   prompt, so only new tokens are computed (the limit of reuse within a session);
 - ``hf-cb``: transformers' continuous batching (``init_continuous_batching``, block sharing on, one
   persistent manager, requests submitted one at a time in the same order), when it runs.
 
-stateless, pooled and oracle run call by call, rotating which mode goes first, so slow drifts of
-the machine hit every mode alike; hf-cb (a background thread) runs afterwards. Per call it records
+Every mode runs call by call, rotating which mode goes first, so slow drifts of the machine hit
+every mode alike (hf-cb's manager is started once and gets each call in its turn; ``--cb-after``
+runs it after the others instead). Per call it records
 TTFT (time from calling generate() to the streamer receiving the first new token, the same
 ``streamer`` for every mode; hf-cb: the first token's timestamp), end-to-end latency, prompt
 tokens, tokens reused (``PooledCache.reused_tokens``; oracle: the cache length passed in) and the
@@ -63,7 +66,7 @@ import hf_kvpool
 from hf_kvpool import KVPool, PooledCache
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("stateless", "pooled", "oracle", "hf-cb")
+MODES = ("stateless", "pooled", "pooled-live", "oracle", "hf-cb")
 
 # workload presets: (sessions, turns, system, tools, task range, result range, answer range, model size)
 PRESETS = {
@@ -143,6 +146,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="torch CPU threads (default on CPU: 1; timings of several threads collapse when another process "
         "shares the cores)",
+    )
+    p.add_argument(
+        "--cb-after",
+        action="store_true",
+        help="run hf-cb after the other modes (default: call by call with them)",
     )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -232,10 +240,13 @@ class Pooled(Mode):
 
     def run(self, session, prompt, n_new):
         ids = torch.as_tensor(prompt, device=self.device)[None]
-        cache = PooledCache(self.model, pool=self.pool)
+        cache = self.cache_for(session)
         out, ttft, lat = timed_generate(self.model, ids, cache, n_new, self.device)
         self.peak_blocks = max(self.peak_blocks, self.pool.stats().stored_blocks)
         return dict(output=out, ttft=ttft, latency=lat, reused=int(cache.reused_tokens[0]))
+
+    def cache_for(self, session: int) -> PooledCache:
+        return PooledCache(self.model, pool=self.pool)
 
     def memory(self):
         s = self.pool.stats()
@@ -249,6 +260,19 @@ class Pooled(Mode):
             pool_committed_blocks=s.committed_blocks,
             pool_hit_rate=s.hit_rate,
         )
+
+
+class PooledLive(Pooled):
+    """One PooledCache per session, passed back turn after turn (continues from what it holds)."""
+
+    name = "pooled-live"
+
+    def __init__(self, model, device, pool: KVPool):
+        super().__init__(model, device, pool)
+        self.caches: dict[int, PooledCache] = {}
+
+    def cache_for(self, session: int) -> PooledCache:
+        return self.caches.setdefault(session, PooledCache(self.model, pool=self.pool))
 
 
 class Oracle(Mode):
@@ -401,17 +425,20 @@ def run_modes(model, workload, mode_names, args, device, vocab, progress: bool) 
     for name in mode_names:
         if name == "stateless":
             in_process.append(Stateless(model, device))
-        elif name == "pooled":
-            pool = KVPool(capacity_bytes=capacity, block_size=args.block_size)
+        elif name in ("pooled", "pooled-live"):
+            pool = KVPool(capacity_bytes=capacity, block_size=args.block_size)  # one pool per mode
             hf_kvpool.enable(model, pool=pool)
-            in_process.append(Pooled(model, device, pool))
+            in_process.append((Pooled if name == "pooled" else PooledLive)(model, device, pool))
         elif name == "oracle":
             in_process.append(Oracle(model, device))
     for mode in in_process:
         warm_up(mode, vocab, args.seed)
         if isinstance(mode, Pooled):
             mode.pool.clear()
+            mode.pool.chains.clear()
             mode.peak_blocks = 0
+            if isinstance(mode, PooledLive):
+                mode.caches.clear()
         if isinstance(mode, Oracle):
             mode.caches.clear()
             mode.peak_bytes = 0
@@ -437,8 +464,17 @@ def run_modes(model, workload, mode_names, args, device, vocab, progress: bool) 
         )
 
     calls = workload.calls
+    cb = None
+    if "hf-cb" in mode_names and not args.cb_after:
+        cb = start_cb(model, device, args, workload, vocab, notes)
+        if cb is not None:
+            in_process.append(cb)
     if in_process:
-        bar = tqdm(total=len(calls) * len(in_process), desc="stateless/pooled/oracle", disable=not progress)
+        bar = tqdm(
+            total=len(calls) * len(in_process),
+            desc="/".join(m.name for m in in_process),
+            disable=not progress,
+        )
         for i, call in enumerate(calls):
             k = i % len(in_process)
             for mode in in_process[k:] + in_process[:k]:  # rotate which mode goes first
@@ -448,8 +484,10 @@ def run_modes(model, workload, mode_names, args, device, vocab, progress: bool) 
         bar.close()
     for mode in in_process:
         memory[mode.name] = mode.memory()
+    if cb is not None:
+        finish_cb(cb, notes, records)
 
-    if "hf-cb" in mode_names:
+    if "hf-cb" in mode_names and args.cb_after:
         cb = None
         try:
             max_tokens = len(workload.shared_prefix) + sum(
@@ -479,6 +517,29 @@ def run_modes(model, workload, mode_names, args, device, vocab, progress: bool) 
 
 
 # ---------------------------------------------------------------------------- figures
+def start_cb(model, device, args, workload, vocab, notes: dict):
+    """hf-cb's manager, warmed up, to run call by call with the other modes (None if it cannot start)."""
+    try:
+        max_tokens = len(workload.shared_prefix) + sum(
+            len(c.new_tokens) + c.max_new_tokens for c in workload.calls
+        )
+        cb = ContinuousBatching(model, device, args.block_size, 2 * max_tokens + 4096)
+        warm_up(cb, vocab, args.seed)
+        return cb
+    except Exception as exc:  # noqa: BLE001 - report, do not crash the benchmark
+        notes["hf-cb"] = f"not run: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+        traceback.print_exc(file=sys.stderr)
+        return None
+
+
+def finish_cb(cb, notes: dict, records: dict) -> None:
+    if not cb._patched:
+        notes.setdefault("hf-cb", "prefix matches not observed (paged cache API changed?)")
+    cb.close()
+    if not records.get("hf-cb"):
+        records.pop("hf-cb", None)
+
+
 def add_ideal(records: dict, block_size: int) -> None:
     """Per call, the ideal reuse of that mode's own token sequences (they differ only if outputs do)."""
     for recs in records.values():
@@ -552,19 +613,27 @@ def targets(summary: dict, no_sharing: bool) -> dict:
     if p and s:
         x = p["input_throughput_tok_s"] / s["input_throughput_tok_s"]
         t["pooled_input_throughput_vs_stateless >= 4.5"] = dict(value=x, met=x >= 4.5)
+    c = summary.get("hf-cb")
+    for name in ("pooled", "pooled-live"):
+        m = summary.get(name)
+        if m and c:
+            x = m["input_throughput_tok_s"] / c["input_throughput_tok_s"]
+            t[f"{name}_input_throughput_vs_hf-cb >= 1"] = dict(value=x, met=x >= 1)
+            x = m["ttft_mean_s"] / c["ttft_mean_s"]
+            t[f"{name}_mean_ttft_vs_hf-cb <= 1"] = dict(value=x, met=x <= 1)
     return t
 
 
 def table(summary: dict, rel: dict, notes: dict, mode_names) -> str:
     lines = [
         "| approach | input throughput (vs stateless) | TTFT reduction | average latency drop | cache hit rate (ideal) "
-        "| TTFT p50 / p90 (s) | mean latency (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| TTFT p50 / p90 (s) | mean TTFT (s) | mean / p50 latency (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode in mode_names:
         s = summary.get(mode)
         if s is None:
-            lines.append(f"| {mode} | not run | | | | | |")
+            lines.append(f"| {mode} | not run | | | | | | |")
             continue
         r = rel.get(mode)
         thr = (
@@ -579,7 +648,7 @@ def table(summary: dict, rel: dict, notes: dict, mode_names) -> str:
         name = mode + (" *" if mode in notes else "")
         lines.append(
             f"| {name} | {thr} | {ttft} | {lat} | {hit} | {s['ttft_p50_s']:.3f} / {s['ttft_p90_s']:.3f} "
-            f"| {s['latency_mean_s']:.3f} |"
+            f"| {s['ttft_mean_s']:.3f} | {s['latency_mean_s']:.3f} / {s['latency_p50_s']:.3f} |"
         )
     for mode, note in notes.items():
         lines.append(f"\n\\* {mode}: {note}")

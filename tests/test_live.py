@@ -127,3 +127,13 @@ def test_threads_each_continue_their_own_cache(model, one_thread):
             assert_same(reference(model, ids, max_new_tokens=4), out)
             if turn:
                 assert reused == seen[turn - 1][0].shape[1] + 3
+
+
+def test_a_dropped_cache_frees_its_buffers_at_once(model, one_thread):
+    import weakref
+
+    cache = PooledCache(model, pool=KVPool(block_size=BS))
+    generate(model, prompt(30, 9), cache, max_new_tokens=3)
+    buffer = weakref.ref(cache.layers[0]._kbuf)
+    del cache  # no reference cycle: freed without waiting for the garbage collector
+    assert buffer() is None

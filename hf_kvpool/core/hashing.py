@@ -88,7 +88,7 @@ class ChainMemo:
     tokens' worth of chains, least recently used dropped first. Thread-safe.
     """
 
-    def __init__(self, max_tokens: int = 1 << 20, max_entries: int = 16):
+    def __init__(self, max_tokens: int = 1 << 20, max_entries: int = 8):
         self.max_tokens, self.max_entries = max_tokens, max_entries
         # (namespace, block_size) -> list of (tokens of the full blocks, chain), most recent last
         self._entries: list[tuple[bytes, int, np.ndarray, Chain]] = []
@@ -100,12 +100,15 @@ class ChainMemo:
         full = len(tokens) // block_size * block_size
         with self._lock:
             best, best_blocks = None, 0
-            for n, (ns, bs, held, _chain) in enumerate(self._entries):
+            for n in range(len(self._entries) - 1, -1, -1):  # most recent first
+                ns, bs, held, _ = self._entries[n]
                 if ns != namespace or bs != block_size:
                     continue
                 blocks = _common_blocks(held, tokens[:full], bs)
                 if blocks > best_blocks:
                     best, best_blocks = n, blocks
+                if best_blocks * bs == full:
+                    break  # no entry can do better
             chain = list(self._entries[best][3][:best_blocks]) if best is not None else []
         extend_chain(chain, tokens, block_size, namespace)
         if chain:

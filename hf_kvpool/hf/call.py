@@ -27,6 +27,7 @@ Where reuse is not safe, the call runs as with DynamicCache and a warning says s
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -49,6 +50,8 @@ class CallState:
     """
 
     def __init__(self, on_bind: Callable[[ModelState], None]):
+        # held weakly: the cache holds this state; a cycle would keep dropped caches' K/V until a GC
+        on_bind = weakref.WeakMethod(on_bind) if hasattr(on_bind, "__self__") else on_bind
         self.binding: ModelState | None = None
         self.armed = False
         self.inner = False  # a prefill piece the pre-hook runs itself is in progress
@@ -67,7 +70,9 @@ class CallState:
                 "create one PooledCache per model: PooledCache(model)"
             )
         if self.binding is None:
-            self._on_bind(state)
+            on_bind = self._on_bind() if isinstance(self._on_bind, weakref.WeakMethod) else self._on_bind
+            if on_bind is not None:
+                on_bind(state)
             self.binding = state
 
     def generate_started(self, cache=None) -> None:

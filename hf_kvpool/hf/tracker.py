@@ -16,6 +16,8 @@ Streams are named ``"<layer>.<stream>"`` (``"3.keys"``), checkpoint tensors ``"<
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -63,7 +65,7 @@ class CallTracker:
     ):
         self.pool = pool
         self.namespace = namespace
-        self.cache = cache
+        self._cache = weakref.ref(cache)  # the cache holds this tracker: no cycle (see ``cache``)
         self.kinds = kinds
         self.checkpointed = any(k.checkpointed for k in kinds)
         self.pooled_rows = [p == 0 or all(k.pad_invariant for k in kinds) for p in pads]
@@ -90,6 +92,11 @@ class CallTracker:
             np.concatenate([np.frombuffer(b"".join(t for _, t in chain), dtype="<i8"), tail])
             for chain, tail in zip(self.chains, self.tails)
         ]
+
+    @property
+    def cache(self):
+        """The cache this call fills (held weakly, so a dropped cache frees its K/V at once)."""
+        return self._cache()
 
     # ---------------------------------------------------------------- hot path
     def record(self, layer_idx: int, streams: dict[str, torch.Tensor]) -> None:
