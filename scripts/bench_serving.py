@@ -239,6 +239,7 @@ def arm_servers(name: str, model: str, args, logs: Path | None):
                 redis_url=redis_url,
                 args=pool_args,
                 logs=arm_logs,
+                threads=1,  # as the plain arms: one torch thread per server (2 contend on 2 shared cores)
             )
         )
         yield front, urls
