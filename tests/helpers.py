@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -46,3 +49,16 @@ def left_padded(*rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids[b, width - r.shape[1] :] = r[0]
         mask[b, width - r.shape[1] :] = 1
     return ids, mask
+
+
+def real_model_or_skip(load):
+    """``load()``, a loader of the real model in ``scripts/smollm2.py``: when the model is not cached
+    and cannot be fetched, the test fails saying what to do (skipped with ``HF_KVPOOL_OFFLINE=1``)."""
+    from smollm2 import ModelUnavailable
+
+    try:
+        return load()
+    except ModelUnavailable as exc:
+        if os.environ.get("HF_KVPOOL_OFFLINE") == "1":
+            pytest.skip(f"HF_KVPOOL_OFFLINE=1: {exc}")
+        pytest.fail(str(exc), pytrace=False)

@@ -15,12 +15,11 @@ bounded on 2 CPU cores; ``scripts/bench_clients.py`` runs all four on the real m
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-from helpers import pooled
-from smollm2 import ModelUnavailable, load_smollm2
+from helpers import pooled, real_model_or_skip
+from smollm2 import load_smollm2
 
 import hf_kvpool
 
@@ -42,12 +41,7 @@ def threads():
 
 @pytest.fixture(scope="module")
 def smollm2(threads):
-    try:
-        return load_smollm2()
-    except ModelUnavailable as exc:
-        if os.environ.get("HF_KVPOOL_OFFLINE") == "1":
-            pytest.skip(f"HF_KVPOOL_OFFLINE=1: {exc}")
-        pytest.fail(str(exc), pytrace=False)
+    return real_model_or_skip(load_smollm2)
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,10 @@ If the model is not cached and cannot be downloaded these tests fail, saying wha
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from demo_agent import common_prefix, extend_ids, render
-from helpers import assert_same, generate, reference
+from helpers import assert_same, generate, real_model_or_skip, reference
 from source_text import read_excerpt
 
 from hf_kvpool import KVPool, PooledCache
@@ -32,14 +30,9 @@ SYSTEM = "You are a coding assistant that reads transformers source code. Answer
 @pytest.fixture(scope="module")
 def smollm2():
     """(model, tokenizer), loaded once; one torch thread meanwhile (two collapse on a shared 2-core machine)."""
-    from smollm2 import ModelUnavailable, load_smollm2
+    from smollm2 import load_smollm2
 
-    try:
-        loaded = load_smollm2()
-    except ModelUnavailable as exc:
-        if os.environ.get("HF_KVPOOL_OFFLINE") == "1":
-            pytest.skip(f"HF_KVPOOL_OFFLINE=1: {exc}")
-        pytest.fail(str(exc), pytrace=False)
+    loaded = real_model_or_skip(load_smollm2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield loaded

@@ -17,14 +17,13 @@ follows ``tests/test_real_model.py``'s rules (``HF_KVPOOL_OFFLINE=1`` skips).
 from __future__ import annotations
 
 import json
-import os
 import re
 import urllib.error
 import urllib.request
 
 import pytest
 import torch
-from helpers import assert_same, generate, reference
+from helpers import assert_same, generate, real_model_or_skip, reference
 from tiny_models import build, prompt
 
 from hf_kvpool import KVPool, PooledCache
@@ -94,14 +93,9 @@ def test_aborted_generate_leaves_the_pool_consistent(one_thread):
 # ---------------------------------------------------------------------------- over HTTP
 @pytest.fixture(scope="module")
 def model_dir():
-    from smollm2 import ModelUnavailable, ensure_cached
+    from smollm2 import ensure_cached
 
-    try:
-        return str(ensure_cached(verbose=False))
-    except ModelUnavailable as exc:
-        if os.environ.get("HF_KVPOOL_OFFLINE") == "1":
-            pytest.skip(f"HF_KVPOOL_OFFLINE=1: {exc}")
-        pytest.fail(str(exc), pytrace=False)
+    return str(real_model_or_skip(lambda: ensure_cached(verbose=False)))
 
 
 @pytest.fixture(scope="module")
